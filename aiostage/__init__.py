@@ -1,0 +1,60 @@
+"""aiostage: asyncio-native checkpointing for PyTorch.
+
+Data path, one private module per room::
+
+    traverse -> plan -> stage (CPU threads / accelerator stream) -> persist -> load
+                                      \\-> replicate to a partner rank
+
+Everything public is re-exported here; the private modules may change.
+"""
+
+from __future__ import annotations
+
+from aiostage._exceptions import (
+    AiostageError,
+    CheckpointLoadError,
+    CheckpointManagerError,
+    CorruptCheckpointError,
+    PeerTimeoutError,
+    PersistError,
+    ReplicationError,
+    StagerClosedError,
+    StagingError,
+    UnsafeCheckpointError,
+)
+
+# --- stage ---
+from aiostage._stage._engine import CacheInfo, StateDictStager
+from aiostage._stage._options import StagingOptions
+from aiostage._stage._stagers import AsyncStager, BlockingAsyncStager, DefaultStager
+
+# --- persist/load ---
+
+# --- replication ---
+
+# --- training ---
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AiostageError",
+    "CheckpointLoadError",
+    "CheckpointManagerError",
+    "CorruptCheckpointError",
+    "PeerTimeoutError",
+    "PersistError",
+    "ReplicationError",
+    "StagerClosedError",
+    "StagingError",
+    "UnsafeCheckpointError",
+    # --- stage ---
+    "AsyncStager",
+    "BlockingAsyncStager",
+    "CacheInfo",
+    "DefaultStager",
+    "StagingOptions",
+    "StateDictStager",
+    # --- persist/load ---
+    # --- replication ---
+    # --- training ---
+]

@@ -1,0 +1,215 @@
+"""The copy engine: :class:`StateDictStager` plans a staged copy and keeps its buffers.
+
+The engine owns the cache of CPU staging storages, keyed weakly by the source
+storage: staging the same state again reuses the same CPU memory (no page
+faults, no allocator churn), and when a source storage dies its staging
+storage is dropped with it, so a run that replaces tensors does not grow
+host memory (a problem users of other async checkpointers report).
+
+Its public :meth:`StateDictStager.stage` is blocking and meant for worker
+threads.  The async stagers use the two halves separately: :meth:`plan`
+(run on the event loop in time slices) and a copier, then :meth:`commit`.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+import weakref
+from collections.abc import Generator
+from typing import Any, NamedTuple, TypeVar, cast
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+from aiostage._exceptions import StagingError
+from aiostage._stage._options import accelerator_available
+from aiostage._stage._plan import CopyRequest, StagePlan, byte_view
+from aiostage._stage._traverse import Path, Traversal, format_path
+
+__all__ = ["CacheInfo", "StateDictStager", "pin_storage"]
+
+T = TypeVar("T")
+
+
+class CacheInfo(NamedTuple):
+    """The CPU storages a stager keeps for reuse: how many, and their bytes."""
+
+    storages: int
+    nbytes: int
+
+
+def _cuda_host_register(storage: torch.UntypedStorage) -> bool:
+    """Pin ``storage`` in place through CUDA; unpinned again when it dies."""
+    cudart = torch.cuda.cudart()
+    ptr, size = storage.data_ptr(), storage.nbytes()
+    if int(cudart.cudaHostRegister(ptr, size, 0)) != 0:  # pragma: no cover - needs CUDA
+        return False
+
+    def unregister(ptr: int = ptr) -> None:  # pragma: no cover - needs CUDA
+        cudart.cudaHostUnregister(ptr)
+
+    weakref.finalize(storage, unregister)  # pragma: no cover - needs CUDA
+    return True  # pragma: no cover - needs CUDA
+
+
+def pin_storage(storage: torch.UntypedStorage) -> None:
+    """Page-lock ``storage`` in place (blocking: call it from a worker thread).
+
+    Pinning is registered on the existing allocation and undone when the
+    storage is freed, so pinned memory is returned to the OS with its storage
+    instead of staying fixed for the whole run.
+    """
+    if storage.nbytes() == 0 or storage.is_pinned():
+        return
+    if torch.cuda.is_available():
+        _cuda_host_register(storage)  # pragma: no cover - needs CUDA
+
+
+def _allocate(nbytes: int, *, shared: bool, pinned_alloc: bool) -> torch.UntypedStorage:
+    if shared:
+        return cast(torch.UntypedStorage, torch.UntypedStorage._new_shared(nbytes))
+    if pinned_alloc:  # pragma: no cover - needs a non-CUDA accelerator
+        return torch.empty((nbytes,), dtype=torch.uint8, pin_memory=True).untyped_storage()
+    return torch.UntypedStorage(nbytes)
+
+
+class StateDictStager:
+    """Deep-copies any object so that every tensor lives in CPU memory.
+
+    Args:
+        pin_memory: pin staging storages of at least ``pin_memory_min_bytes``
+            bytes (needs an accelerator; without one it warns once and is
+            ignored).
+        share_memory: allocate staging storages in shared memory.
+        pin_memory_min_bytes: smaller storages are left unpinned.
+
+    Tensors that share a storage share one CPU storage in the copy, with the
+    same offsets, sizes and strides.  Staging storages are cached across calls
+    (keyed weakly by the source storage) and refreshed in place.
+
+    A staged result's tensors point into the cache: they are valid until the
+    next call that stages the same sources, which overwrites them.  Not
+    thread-safe: use one thread at a time (the async stagers serialize).
+    """
+
+    def __init__(
+        self, pin_memory: bool = False, share_memory: bool = False, pin_memory_min_bytes: int = 5
+    ) -> None:
+        if pin_memory_min_bytes < 0:
+            raise ValueError(f"pin_memory_min_bytes must be >= 0, got {pin_memory_min_bytes}")
+        if pin_memory and not accelerator_available():
+            warnings.warn(
+                "aiostage: pin_memory=True needs an accelerator and none is available; "
+                "staging into ordinary memory instead",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            pin_memory = False
+        self.pin_memory = pin_memory
+        self.share_memory = share_memory
+        self.pin_memory_min_bytes = pin_memory_min_bytes
+        self._cache: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._cuda_pinning = pin_memory and torch.cuda.is_available()
+        self._lock = threading.Lock()
+
+    # -- public, blocking ----------------------------------------------------
+
+    def stage(self, obj: T, non_blocking: bool = False, *, type_check: bool = False) -> T:
+        """Return a deep copy of ``obj`` with every tensor in CPU memory.
+
+        Blocks until the copies are issued (and, unless ``non_blocking``,
+        complete).  With ``non_blocking=True`` device-to-host copies into
+        pinned memory may still be running: synchronize the device before
+        reading the result.
+
+        With ``type_check`` it refuses leaves other than tensors, atomic
+        values, dicts, lists and tuples.
+
+        Raises:
+            StagingError: an object cannot be copied; ``.path`` names it.
+        """
+        with self._lock:
+            gen = self.plan(obj, type_check=type_check)
+            try:
+                while True:
+                    next(gen)
+            except StopIteration as stop:
+                plan: StagePlan = stop.value
+            for req in plan.requests:
+                try:
+                    if req.pin:
+                        pin_storage(req.dst)
+                    if req.nbytes:
+                        byte_view(req.dst).copy_(byte_view(req.src), non_blocking=non_blocking)
+                except Exception as exc:
+                    raise StagingError(
+                        f"copying {req.nbytes} bytes failed: {exc}", path=req.path
+                    ) from exc
+            self.commit(plan)
+            return plan.result  # type: ignore[no-any-return]
+
+    def cache_info(self) -> CacheInfo:
+        """How many staging storages are cached, and their total bytes."""
+        dsts = list(self._cache.values())
+        return CacheInfo(len(dsts), sum(d.nbytes() for d in dsts))
+
+    def close(self) -> None:
+        """Release every cached staging storage (pinned memory is unpinned
+        when the last staged tensor using it is freed)."""
+        self._cache.clear()
+
+    # -- the two halves the async stagers drive ------------------------------
+
+    def plan(
+        self, obj: Any, *, type_check: bool = False, budget_s: float | None = None
+    ) -> Generator[None, None, StagePlan]:
+        """Traverse ``obj`` and build its :class:`StagePlan`; no bytes move.
+
+        A generator: with ``budget_s`` set it yields after about that much
+        work so that an event loop can run in between.
+        """
+        requests: list[CopyRequest] = []
+        new_entries: list[tuple[torch.UntypedStorage, torch.UntypedStorage]] = []
+        seen: dict[int, torch.UntypedStorage] = {}
+        cache = self._cache
+
+        def storage_for(
+            t: torch.Tensor, src: torch.UntypedStorage, path: Path
+        ) -> torch.UntypedStorage:
+            key = src._cdata
+            dst = seen.get(key)
+            if dst is not None:
+                return dst
+            nbytes = src.nbytes()
+            dst = cache.get(src)
+            fresh = dst is None or dst.nbytes() != nbytes
+            if fresh:
+                pin = self.pin_memory and nbytes >= self.pin_memory_min_bytes
+                dst = _allocate(
+                    nbytes,
+                    shared=self.share_memory,
+                    pinned_alloc=pin and not self._cuda_pinning,
+                )
+                new_entries.append((src, dst))
+                pin = pin and self._cuda_pinning
+            else:
+                pin = False
+            assert dst is not None
+            requests.append(CopyRequest(src, dst, nbytes, format_path(path), pin))
+            seen[key] = dst
+            return dst
+
+        traversal = Traversal(storage_for, type_check=type_check, budget_s=budget_s)
+        result = yield from traversal.run(obj)
+        return StagePlan(result, requests, new_entries)
+
+    def commit(self, plan: StagePlan) -> None:
+        """Adopt the storages ``plan`` allocated into the cache (on success only)."""
+        for src, dst in plan.new_entries:
+            self._cache[src] = dst
+        plan.new_entries = []
+
+    def discard(self, plan: StagePlan) -> None:
+        """Forget a plan that failed or was cancelled: nothing enters the cache."""
+        plan.new_entries = []

@@ -1,0 +1,384 @@
+"""The awaitable stagers: :class:`DefaultStager` and :class:`BlockingAsyncStager`.
+
+Both follow the :class:`AsyncStager` protocol: ``await stage(state)``,
+``await close()`` and ``async with``.  Both also persist (``persist`` for a
+staged state, ``save`` for the pipelined stage-then-write).
+
+Concurrency: a stager runs one operation on its buffers at a time.  A second
+``stage()`` (or ``save()``) while one is in flight waits its turn; so does a
+``stage()`` while a ``save()``'s background write still reads the buffers, so
+a buffer is never overwritten while a writer reads it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import types
+import warnings
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
+
+import anyio
+import anyio.lowlevel
+import anyio.to_thread
+import torch
+
+from aiostage._exceptions import StagerClosedError
+from aiostage._stage._cpu_copy import copy_batch, run_in_threads
+from aiostage._stage._device_copy import DeviceOps, TorchDeviceOps, run_on_stream
+from aiostage._stage._engine import CacheInfo, StateDictStager
+from aiostage._stage._options import StagingOptions
+from aiostage._stage._plan import StagePlan
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from aiostage._persist._handle import SaveHandle
+
+__all__ = ["AsyncStager", "BlockingAsyncStager", "DefaultStager"]
+
+T = TypeVar("T")
+S = TypeVar("S", bound="_StagerBase")
+Progress = Callable[[int, int], None]
+
+#: How long the traversal may hold the event loop before yielding (seconds).
+TRAVERSAL_BUDGET_S = 0.002
+
+
+@runtime_checkable
+class AsyncStager(Protocol):
+    """What every aiostage stager does."""
+
+    async def stage(self, state_dict: Any) -> Any:
+        """Return a CPU copy of ``state_dict``."""
+
+    async def close(self) -> None:
+        """Wait for in-flight work and release buffers."""
+
+    async def __aenter__(self) -> Any: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: types.TracebackType | None,
+    ) -> None: ...
+
+
+class _StagerBase:
+    """Turn-taking, closing, ``async with``, ``persist`` and ``save``."""
+
+    def __init__(self) -> None:
+        self._turn = asyncio.Lock()
+        self._closing = False
+        self._closed = False
+        self._handles: set[SaveHandle] = set()
+
+    # -- subclass hooks ------------------------------------------------------
+
+    async def _stage_locked(
+        self, state_dict: Any, on_plan: Callable[[StagePlan], None] | None
+    ) -> Any:
+        raise NotImplementedError
+
+    def _release_buffers(self) -> None:
+        """Drop cached buffers (at close)."""
+
+    # -- turn-taking ---------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closing or self._closed:
+            raise StagerClosedError(f"{type(self).__name__} is closed; create a new stager")
+
+    async def _acquire(self) -> None:
+        self._check_open()
+        await self._turn.acquire()
+        if self._closed:
+            self._turn.release()
+            self._check_open()
+
+    # -- public --------------------------------------------------------------
+
+    async def stage(self, state_dict: T) -> T:
+        """Copy ``state_dict`` into CPU memory and return the copy.
+
+        Returns once every copy has landed.  Until then the caller must not
+        mutate ``state_dict``; afterwards it may.  The returned copy stays
+        valid until the next ``stage()`` or ``save()`` on this stager, which
+        refreshes the same buffers in place.
+
+        Raises:
+            StagingError: an object cannot be staged; ``.path`` names it.
+            StagerClosedError: the stager was closed.
+
+        Cancellation: no new copy starts; copies in flight are waited for, so
+        nothing writes into a staging buffer afterwards.  Buffers allocated by
+        this call are dropped; the cache stays consistent and the next
+        ``stage()`` works.
+        """
+        await self._acquire()
+        try:
+            return await self._stage_locked(state_dict, None)  # type: ignore[no-any-return]
+        finally:
+            self._turn.release()
+
+    async def persist(
+        self, staged: Any, path: str | os.PathLike[str], *, progress: Progress | None = None
+    ) -> Path:
+        """Write a staged state durably and atomically to ``path``.
+
+        See :func:`aiostage.persist`.
+
+        Cancellation: the write stops after its chunk in flight, the
+        temporary file is removed, and the previous checkpoint stays.
+        """
+        from aiostage._persist._writer import persist
+
+        return await persist(staged, path, progress=progress)
+
+    async def save(
+        self, state_dict: Any, path: str | os.PathLike[str], *, progress: Progress | None = None
+    ) -> SaveHandle:
+        """Stage ``state_dict`` and write it to ``path`` in the background.
+
+        Returns as soon as the state is staged: training may mutate the state
+        again.  Each storage starts going to disk as soon as its copy has
+        landed.  ``await handle.wait()`` returns the path once the file is
+        durable, or raises the write's error.  Until the write finishes the
+        stager's buffers are in use: the next ``stage()`` or ``save()`` on
+        this stager waits for it.
+
+        Raises:
+            StagingError: an object cannot be staged (nothing is written).
+            StagerClosedError: the stager was closed.
+
+        Cancellation: cancelling ``save()`` itself (before it returns) stops
+        the copies and the write; the temporary file is removed and the
+        previous checkpoint stays.  Once it has returned, cancel the write
+        with ``handle.cancel()``.
+        """
+        from aiostage._persist._handle import SaveHandle
+        from aiostage._persist._writer import persist
+
+        await self._acquire()
+        writers: list[asyncio.Task[Path]] = []
+
+        def start_writer(plan: StagePlan) -> None:
+            # Called once the plan exists (the skeleton is ready): the writer
+            # runs beside the copies and takes each storage as it lands.
+            writers.append(
+                asyncio.create_task(
+                    persist(plan.result, path, wait_ready=plan.wait_landed, progress=progress)
+                )
+            )
+
+        try:
+            staged = await self._stage_locked(state_dict, start_writer)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                for writer in writers:
+                    writer.cancel()
+                    await asyncio.wait([writer])
+            self._turn.release()
+            raise
+        writer = writers[0]
+        handle = SaveHandle(writer, staged=staged, on_finish=self._turn.release)
+        self._handles.add(handle)
+        writer.add_done_callback(lambda _: self._handles.discard(handle))
+        return handle
+
+    async def close(self) -> None:
+        """Wait for in-flight stages and background writes, then release buffers.
+
+        Idempotent.  Afterwards ``stage()`` and ``save()`` raise
+        :class:`StagerClosedError`.
+
+        Cancellation: close is shielded; it finishes even if cancelled.
+        """
+        with anyio.CancelScope(shield=True):
+            if self._closed:
+                return
+            self._closing = True
+            async with self._turn:
+                self._closed = True
+                self._release_buffers()
+
+    async def __aenter__(self: S) -> S:
+        self._check_open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: types.TracebackType | None,
+    ) -> None:
+        # On cancellation, background writes are cancelled (each removes its
+        # temporary file and keeps the previous checkpoint); otherwise they
+        # are waited for, so leaving the block means every save is durable.
+        if exc_type is not None and issubclass(exc_type, asyncio.CancelledError):
+            for handle in list(self._handles):
+                handle.cancel()
+        await self.close()
+
+
+class DefaultStager(_StagerBase):
+    """The full-featured stager: background copies, cached buffers, pipelining.
+
+    On CPU the copies run in worker threads in bounded chunks.  From an
+    accelerator they are queued non-blocking on a side stream (ordered after
+    the compute stream's pending work) and their events are polled, so the
+    event loop keeps running; the Python traversal of the state also runs on
+    the loop in slices of a couple of milliseconds.
+
+    Usage::
+
+        async with DefaultStager() as stager:
+            staged = await stager.stage(model.state_dict())
+    """
+
+    def __init__(
+        self, options: StagingOptions | None = None, *, _device_ops: DeviceOps | None = None
+    ) -> None:
+        super().__init__()
+        self.options = options if options is not None else StagingOptions()
+        with warnings.catch_warnings():
+            if self.options.use_pinned_memory is None:
+                warnings.simplefilter("ignore", RuntimeWarning)
+            self._engine = StateDictStager(
+                pin_memory=self.options.pinned,
+                share_memory=self.options.use_shared_memory,
+                pin_memory_min_bytes=self.options.pin_memory_min_bytes,
+            )
+        self._device_ops = _device_ops
+        self._streams: dict[torch.device, Any] = {}
+
+    def cache_info(self) -> CacheInfo:
+        """The staging storages kept for reuse (see :meth:`StateDictStager.cache_info`)."""
+        return self._engine.cache_info()
+
+    def _release_buffers(self) -> None:
+        self._engine.close()
+        self._streams.clear()
+
+    async def _plan(self, state_dict: Any) -> StagePlan:
+        budget = TRAVERSAL_BUDGET_S if self.options.use_async_staging else None
+        gen = self._engine.plan(state_dict, budget_s=budget)
+        try:
+            while True:
+                gen.send(None)
+                await anyio.lowlevel.checkpoint()
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+        finally:
+            gen.close()
+
+    async def _stage_locked(
+        self, state_dict: Any, on_plan: Callable[[StagePlan], None] | None
+    ) -> Any:
+        plan = await self._plan(state_dict)
+        if on_plan is not None:
+            on_plan(plan)
+        try:
+            await self._execute(plan)
+        except BaseException as exc:
+            plan.fail(exc)
+            self._engine.discard(plan)
+            raise
+        self._engine.commit(plan)
+        return plan.result
+
+    async def _execute(self, plan: StagePlan) -> None:
+        opts = self.options
+        if not opts.use_async_staging and self._device_ops is None:
+            for batch in plan.batches(opts.chunk_bytes):
+                copy_batch(plan.requests, batch)
+                plan.batch_done(batch)
+            return
+        by_device: dict[torch.device, list[int]] = {}
+        for index, req in enumerate(plan.requests):
+            by_device.setdefault(req.src.device, []).append(index)
+        jobs = [self._job(plan, device, indices) for device, indices in by_device.items()]
+        if len(jobs) == 1:
+            await jobs[0]()
+            return
+        errors: list[Exception] = []
+
+        async def guarded(job: Callable[[], Any], scope: anyio.CancelScope) -> None:
+            try:
+                await job()
+            except Exception as exc:
+                errors.append(exc)
+                scope.cancel()
+
+        async with anyio.create_task_group() as tg:
+            for job in jobs:
+                tg.start_soon(guarded, job, tg.cancel_scope)
+        if errors:
+            raise errors[0]
+
+    def _job(self, plan: StagePlan, device: torch.device, indices: list[int]) -> Callable[[], Any]:
+        opts = self.options
+        batches = plan.batches(opts.chunk_bytes, indices)
+        if device.type == "cpu" and self._device_ops is None:
+            return functools.partial(
+                run_in_threads, plan.requests, batches, opts.threads, plan.batch_done
+            )
+        ops: DeviceOps = self._device_ops if self._device_ops is not None else TorchDeviceOps()
+        stream = self._streams.get(device)
+        if stream is None:
+            stream = self._streams[device] = ops.new_stream(device)
+        non_blocking = opts.non_blocking and (
+            self._engine.pin_memory or self._device_ops is not None
+        )
+        return functools.partial(
+            run_on_stream,
+            ops,
+            stream,
+            device,
+            plan.requests,
+            batches,
+            plan.batch_done,
+            non_blocking=non_blocking,
+        )
+
+
+class BlockingAsyncStager(_StagerBase):
+    """The simple stager: the whole copy runs in one worker thread, no stream.
+
+    Args:
+        cache_staged_state_dict: keep the staged buffers and refresh them in
+            place on every call (one staged copy reused across calls).  When
+            ``False`` every call allocates fresh buffers, so earlier results
+            stay valid.
+        type_check: refuse leaves that are not tensors, atomic values,
+            dicts, lists or tuples, with a :class:`StagingError` naming them.
+    """
+
+    def __init__(self, cache_staged_state_dict: bool = False, type_check: bool = False) -> None:
+        super().__init__()
+        self.cache_staged_state_dict = cache_staged_state_dict
+        self.type_check = type_check
+        self._engine = StateDictStager()
+
+    def cache_info(self) -> CacheInfo:
+        """The staging storages kept for reuse (empty unless caching)."""
+        return self._engine.cache_info()
+
+    def _release_buffers(self) -> None:
+        self._engine.close()
+
+    async def _stage_locked(
+        self, state_dict: Any, on_plan: Callable[[StagePlan], None] | None
+    ) -> Any:
+        engine = self._engine if self.cache_staged_state_dict else StateDictStager()
+        staged = await anyio.to_thread.run_sync(
+            functools.partial(engine.stage, state_dict, type_check=self.type_check)
+        )
+        if on_plan is not None:
+            # Everything has landed already: a plan with no copies lets save()
+            # start its writer with nothing to wait for.
+            on_plan(StagePlan(staged, [], []))
+        return staged
