@@ -1,0 +1,1 @@
+"""Durable checkpoint files: zip layout, atomic replacement, the async writer."""

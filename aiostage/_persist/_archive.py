@@ -1,0 +1,383 @@
+"""The on-disk layout: a standard ``torch.save`` zip archive, planned up front.
+
+A checkpoint is an uncompressed ("stored") zip archive holding the records
+that ``torch.load`` expects under one top folder::
+
+    <top>/data.pkl                 pickle of the state; storages are persistent ids
+    <top>/.format_version          b"1"
+    <top>/.storage_alignment       b"64"
+    <top>/byteorder                b"little" / b"big"
+    <top>/data/<key>               raw bytes of one storage, for every storage
+    <top>/version                  b"3\\n"
+    <top>/.data/serialization_id   40 decimal digits, random per file
+
+Every record's data starts on a 64-byte boundary (the local header's extra
+field is padded with a ``"FB"`` block, as ``torch.save`` does), so that
+``torch.load(mmap=True)`` can map storages in place.
+
+Because every size is known once the state is pickled (pickling needs only
+metadata, never tensor bytes), every record's offset is computed before the
+first byte is written.  The writer then lays down the metadata records, each
+storage's bytes, and finally the central directory.  A local header carries
+its record's CRC-32, so it is written just after that record's bytes, once
+the CRC is known.
+
+Only the standard library's ``struct`` and ``zlib`` are used; the layout is
+checked against :mod:`zipfile` and ``torch.load`` by the tests.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import secrets
+import struct
+import sys
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+ALIGNMENT = 64
+"""Data alignment of every record, as ``torch.save`` writes it."""
+
+_U32_MAX = 0xFFFFFFFF
+_U16_MAX = 0xFFFF
+
+_LOCAL_SIG = 0x04034B50
+_CENTRAL_SIG = 0x02014B50
+_EOCD_SIG = 0x06054B50
+_ZIP64_EOCD_SIG = 0x06064B50
+_ZIP64_LOCATOR_SIG = 0x07064B50
+
+_LOCAL_FMT = struct.Struct("<IHHHHHIIIHH")  # 30 bytes
+_CENTRAL_FMT = struct.Struct("<IHHHHHHIIIHHHHHII")  # 46 bytes
+_EOCD_FMT = struct.Struct("<IHHHHIIH")  # 22 bytes
+_ZIP64_EOCD_FMT = struct.Struct("<IQHHIIQQQQ")  # 56 bytes
+_ZIP64_LOCATOR_FMT = struct.Struct("<IIQI")  # 20 bytes
+
+_VERSION_PLAIN = 20
+_VERSION_ZIP64 = 45
+_DOS_DATE = (0 << 9) | (1 << 5) | 1  # 1980-01-01: fixed, so files are reproducible
+_DOS_TIME = 0
+_PAD_ID = 0x4246  # "FB", the padding block torch.save uses
+_ZIP64_ID = 0x0001
+
+PICKLE_PROTOCOL = 2
+"""The protocol ``torch.save`` uses; the ``weights_only`` unpickler expects it."""
+
+
+class StateLayoutError(Exception):
+    """The state cannot be written as a ``torch.save`` archive."""
+
+
+@dataclass(eq=False)
+class StorageRecord:
+    """One storage to write: its record name and where its bytes go."""
+
+    key: str
+    storage: torch.UntypedStorage
+    nbytes: int
+    name: str = ""
+    header_offset: int = 0
+    data_offset: int = 0
+    zip64: bool = False
+    crc: int = 0
+
+
+@dataclass(eq=False)
+class Record:
+    """A small record whose bytes are known up front (metadata, pickle)."""
+
+    name: str
+    data: bytes
+    header_offset: int = 0
+    data_offset: int = 0
+    zip64: bool = False
+    crc: int = 0
+
+
+@dataclass(eq=False)
+class ArchivePlan:
+    """Every record's place in the file, computed before writing starts.
+
+    ``head`` (offset 0) holds the pickle and the small metadata records,
+    complete; each storage's bytes go at ``StorageRecord.data_offset`` with
+    its local header (built by :func:`local_header`) at ``header_offset``;
+    the tail (built by :meth:`tail_bytes` once every CRC is known) starts at
+    ``tail_offset`` and ends the file.
+    """
+
+    head_records: list[Record]
+    storages: list[StorageRecord]
+    tail_records: list[Record]
+    tail_offset: int
+    force_zip64: bool
+    payload_bytes: int
+    head: bytes = b""
+
+    def tail_bytes(self) -> bytes:
+        """The trailing records, the central directory and the end records."""
+        out = bytearray()
+        for rec in self.tail_records:
+            out += _local_header_for(rec.name, len(rec.data), rec.crc, rec.zip64, rec.header_offset)
+            out += rec.data
+        central_offset = self.tail_offset + len(out)
+        entries: list[tuple[str, int, int, int, bool]] = [
+            (r.name, len(r.data), r.crc, r.header_offset, r.zip64) for r in self.head_records
+        ]
+        entries += [(s.name, s.nbytes, s.crc, s.header_offset, s.zip64) for s in self.storages]
+        entries += [
+            (r.name, len(r.data), r.crc, r.header_offset, r.zip64) for r in self.tail_records
+        ]
+        central = bytearray()
+        for name, size, crc, offset, zip64 in entries:
+            central += _central_header(name, size, crc, offset, zip64)
+        out += central
+        out += _end_records(
+            len(entries),
+            len(central),
+            central_offset,
+            central_offset + len(central),
+            self.force_zip64,
+        )
+        return bytes(out)
+
+
+# --- pickling ---------------------------------------------------------------
+
+
+class _StatePickler(pickle.Pickler):
+    """Pickles a state the way ``torch.save`` does.
+
+    Tensors reduce through their own ``__reduce_ex__`` (to
+    ``torch._utils._rebuild_tensor_v2`` and friends, which the
+    ``weights_only`` unpickler accepts); every storage becomes the persistent
+    id ``("storage", <torch.XStorage>, key, "cpu", numel)`` and is recorded
+    once, however many tensors view it.
+    """
+
+    def __init__(self, file: io.BytesIO) -> None:
+        super().__init__(file, protocol=PICKLE_PROTOCOL)
+        self.records: list[StorageRecord] = []
+        self._keys: dict[int, str] = {}
+        self._dtypes: dict[int, torch.dtype] = {}
+
+    def persistent_id(self, obj: Any) -> Any:
+        if isinstance(obj, torch.storage.TypedStorage):
+            storage = obj._untyped_storage
+            dtype = obj.dtype
+            storage_type: Any = getattr(torch, obj._pickle_storage_type())
+            numel = obj._size()
+        elif isinstance(obj, torch.UntypedStorage):
+            storage = obj
+            dtype = torch.uint8
+            storage_type = torch.UntypedStorage
+            numel = obj.nbytes()
+        else:
+            return None
+        if storage.device.type != "cpu":
+            raise StateLayoutError(
+                f"a storage lives on {storage.device}; persist writes staged CPU state only"
+            )
+        ident = storage._cdata
+        seen = self._dtypes.setdefault(ident, dtype)
+        if seen != dtype and storage.nbytes() > 0:
+            raise StateLayoutError(
+                "two tensors view the same storage as different dtypes "
+                f"({seen} and {dtype}); torch.load cannot rebuild that"
+            )
+        key = self._keys.get(ident)
+        if key is None:
+            key = str(len(self._keys))
+            self._keys[ident] = key
+            self.records.append(StorageRecord(key=key, storage=storage, nbytes=storage.nbytes()))
+        return ("storage", storage_type, key, "cpu", numel)
+
+
+def pickle_state(obj: object) -> tuple[bytes, list[StorageRecord]]:
+    """Pickle ``obj``; return the pickle and its storages, in key order.
+
+    Reads only metadata, never a storage's bytes, so it may run while the
+    storages are still being filled.
+    """
+    buf = io.BytesIO()
+    pickler = _StatePickler(buf)
+    pickler.dump(obj)
+    return buf.getvalue(), pickler.records
+
+
+# --- layout -------------------------------------------------------------------
+
+
+def _padding(after: int) -> bytes:
+    """An ``FB`` extra block that moves ``after`` up to the next aligned offset."""
+    need = -(after + 4) % ALIGNMENT
+    return struct.pack("<HH", _PAD_ID, need) + b"Z" * need
+
+
+def _local_fixed_len(name: str, zip64: bool) -> int:
+    return _LOCAL_FMT.size + len(name.encode()) + (20 if zip64 else 0)
+
+
+def _local_header_for(name: str, size: int, crc: int, zip64: bool, header_offset: int) -> bytes:
+    raw = name.encode()
+    extra = b""
+    if zip64:
+        extra = struct.pack("<HHQQ", _ZIP64_ID, 16, size, size)
+        stored = _U32_MAX
+    else:
+        stored = size
+    extra += _padding(header_offset + _LOCAL_FMT.size + len(raw) + len(extra))
+    head = _LOCAL_FMT.pack(
+        _LOCAL_SIG,
+        _VERSION_ZIP64 if zip64 else _VERSION_PLAIN,
+        0,  # flags: sizes and CRC are in this header, no data descriptor
+        0,  # stored, not compressed
+        _DOS_TIME,
+        _DOS_DATE,
+        crc,
+        stored,
+        stored,
+        len(raw),
+        len(extra),
+    )
+    return head + raw + extra
+
+
+def local_header(rec: StorageRecord) -> bytes:
+    """The local header of a storage record, once its CRC is known."""
+    return _local_header_for(rec.name, rec.nbytes, rec.crc, rec.zip64, rec.header_offset)
+
+
+def _central_header(name: str, size: int, crc: int, offset: int, zip64: bool) -> bytes:
+    raw = name.encode()
+    extra = b""
+    size_field = size
+    offset_field = offset
+    if zip64:
+        # Every field that overflows (or all of them, when forced) moves to
+        # the zip64 extra block, in the order the format prescribes.
+        extra = struct.pack("<HHQQQ", _ZIP64_ID, 24, size, size, offset)
+        size_field = _U32_MAX
+        offset_field = _U32_MAX
+    return (
+        _CENTRAL_FMT.pack(
+            _CENTRAL_SIG,
+            _VERSION_ZIP64 if zip64 else _VERSION_PLAIN,  # made by: MS-DOS, spec version
+            _VERSION_ZIP64 if zip64 else _VERSION_PLAIN,
+            0,
+            0,
+            _DOS_TIME,
+            _DOS_DATE,
+            crc,
+            size_field,
+            size_field,
+            len(raw),
+            len(extra),
+            0,  # comment length
+            0,  # disk number
+            0,  # internal attributes
+            0,  # external attributes
+            offset_field,
+        )
+        + raw
+        + extra
+    )
+
+
+def _end_records(
+    count: int, central_size: int, central_offset: int, zip64_eocd_offset: int, force: bool
+) -> bytes:
+    zip64 = force or count >= _U16_MAX or central_size >= _U32_MAX or central_offset >= _U32_MAX
+    out = b""
+    if zip64:
+        out += _ZIP64_EOCD_FMT.pack(
+            _ZIP64_EOCD_SIG,
+            _ZIP64_EOCD_FMT.size - 12,
+            _VERSION_ZIP64,
+            _VERSION_ZIP64,
+            0,
+            0,
+            count,
+            count,
+            central_size,
+            central_offset,
+        )
+        out += _ZIP64_LOCATOR_FMT.pack(_ZIP64_LOCATOR_SIG, 0, zip64_eocd_offset, 1)
+        count16 = _U16_MAX
+        size32 = _U32_MAX
+        offset32 = _U32_MAX
+    else:
+        count16, size32, offset32 = count, central_size, central_offset
+    out += _EOCD_FMT.pack(_EOCD_SIG, 0, 0, count16, count16, size32, offset32, 0)
+    return out
+
+
+def _needs_zip64(offset: int, size: int, force: bool) -> bool:
+    return force or offset >= _U32_MAX or size >= _U32_MAX
+
+
+def plan_archive(
+    pickled: bytes,
+    storages: Sequence[StorageRecord],
+    *,
+    top: str = "archive",
+    force_zip64: bool = False,
+) -> ArchivePlan:
+    """Lay out every record of the archive; fill in offsets and the head bytes."""
+    serialization_id = "".join(str(secrets.randbelow(10)) for _ in range(40))
+    head_records = [
+        Record(f"{top}/data.pkl", pickled),
+        Record(f"{top}/.format_version", b"1"),
+        Record(f"{top}/.storage_alignment", str(ALIGNMENT).encode()),
+        Record(f"{top}/byteorder", sys.byteorder.encode()),
+    ]
+    tail_records = [
+        Record(f"{top}/version", b"3\n"),
+        Record(f"{top}/.data/serialization_id", serialization_id.encode()),
+    ]
+    offset = 0
+    head = bytearray()
+    for rec in head_records:
+        rec.header_offset = offset
+        rec.zip64 = _needs_zip64(offset, len(rec.data), force_zip64)
+        rec.crc = _crc(rec.data)
+        header = _local_header_for(rec.name, len(rec.data), rec.crc, rec.zip64, offset)
+        head += header
+        rec.data_offset = offset + len(header)
+        head += rec.data
+        offset = rec.data_offset + len(rec.data)
+    payload = len(pickled)
+    planned = list(storages)
+    for s in planned:
+        s.name = f"{top}/data/{s.key}"
+        s.header_offset = offset
+        s.zip64 = _needs_zip64(offset, s.nbytes, force_zip64)
+        fixed = _local_fixed_len(s.name, s.zip64)
+        s.data_offset = offset + fixed + len(_padding(offset + fixed))
+        offset = s.data_offset + s.nbytes
+        payload += s.nbytes
+    tail_offset = offset
+    for rec in tail_records:
+        rec.header_offset = offset
+        rec.zip64 = _needs_zip64(offset, len(rec.data), force_zip64)
+        rec.crc = _crc(rec.data)
+        fixed = _local_fixed_len(rec.name, rec.zip64)
+        rec.data_offset = offset + fixed + len(_padding(offset + fixed))
+        offset = rec.data_offset + len(rec.data)
+    return ArchivePlan(
+        head_records=head_records,
+        storages=planned,
+        tail_records=tail_records,
+        tail_offset=tail_offset,
+        force_zip64=force_zip64,
+        payload_bytes=payload,
+        head=bytes(head),
+    )
+
+
+def _crc(data: bytes) -> int:
+    return zlib.crc32(data) & _U32_MAX

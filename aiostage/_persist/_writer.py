@@ -1,0 +1,229 @@
+"""``persist``: write a state durably as a ``torch.save`` archive, off the loop.
+
+The write is a short series of worker-thread steps, each awaited with
+:func:`anyio.to_thread.run_sync` (which never abandons its thread):
+
+1. pickle the state (metadata only) and plan every record's offset;
+2. create the temp file next to the target, removing stale temps first;
+3. write the pickle and metadata records in one go;
+4. for each storage: await ``wait_ready(storage)``, then write its bytes in
+   large chunks straight from the storage's memory (no copy), computing the
+   CRC-32 of each chunk in the same thread while it is hot, then its local
+   header; small storages share one thread hop;
+5. write the trailing records and the central directory;
+6. fsync, close, ``os.replace`` over the target, fsync the directory.
+
+The event loop thread only schedules these steps and calls ``progress``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno as _errno
+import os
+import zlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import torch
+
+from aiostage._exceptions import PersistError
+from aiostage._persist import _archive, _atomic
+
+__all__ = ["DEFAULT_CHUNK_BYTES", "WaitReady", "Progress", "persist"]
+
+DEFAULT_CHUNK_BYTES = 32 * 1024 * 1024
+"""Bytes handed to one worker-thread write (and one CRC update)."""
+
+WaitReady = Callable[[torch.UntypedStorage], Awaitable[None]]
+Progress = Callable[[int, int], None]
+
+
+@dataclass(eq=False)
+class _Piece:
+    """A slice ``[start, end)`` of one storage's bytes."""
+
+    rec: _archive.StorageRecord
+    start: int
+    end: int
+
+
+def _storage_view(storage: torch.UntypedStorage) -> memoryview:
+    """A zero-copy byte view of a CPU storage's memory.
+
+    The caller keeps ``storage`` alive for as long as the view is used.
+    """
+    nbytes = storage.nbytes()
+    if nbytes == 0:
+        return memoryview(b"")
+    array = (ctypes.c_ubyte * nbytes).from_address(storage.data_ptr())
+    return memoryview(array)
+
+
+def _batches(storages: list[_archive.StorageRecord], chunk: int) -> list[list[_Piece]]:
+    """Split storages into thread-hop batches of at most ``chunk`` bytes.
+
+    A large storage is split into several pieces; consecutive small ones
+    share a batch.  Every storage appears at least once, even empty ones.
+    """
+    batches: list[list[_Piece]] = []
+    current: list[_Piece] = []
+    filled = 0
+    for rec in storages:
+        start = 0
+        while True:
+            take = min(rec.nbytes - start, chunk - filled)
+            current.append(_Piece(rec, start, start + take))
+            filled += take
+            start += take
+            if filled >= chunk:
+                batches.append(current)
+                current, filled = [], 0
+            if start >= rec.nbytes:
+                break
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _write_batch(fd: int, batch: list[_Piece]) -> None:
+    """Write one batch of pieces and update their records' CRCs (worker thread)."""
+    for piece in batch:
+        rec = piece.rec
+        if piece.end > piece.start:
+            view = _storage_view(rec.storage)[piece.start : piece.end]
+            _atomic.write_all(fd, view, rec.data_offset + piece.start)
+            rec.crc = zlib.crc32(view, rec.crc)
+        if piece.end == rec.nbytes:
+            _atomic.write_all(fd, _archive.local_header(rec), rec.header_offset)
+
+
+def _prepare(obj: object, force_zip64: bool) -> _archive.ArchivePlan:
+    pickled, storages = _archive.pickle_state(obj)
+    return _archive.plan_archive(pickled, storages, force_zip64=force_zip64)
+
+
+def _check_parent(target: Path) -> None:
+    parent = target.parent
+    if not parent.exists():
+        raise FileNotFoundError(_errno.ENOENT, "parent directory does not exist", str(parent))
+    if not parent.is_dir():
+        raise NotADirectoryError(_errno.ENOTDIR, "parent is not a directory", str(parent))
+    if target.is_dir():
+        raise IsADirectoryError(_errno.EISDIR, "target is a directory", str(target))
+
+
+def _open_temp(target: Path) -> tuple[Path, int]:
+    _check_parent(target)
+    _atomic.remove_stale_temps(target)
+    return _atomic.create_temp(target)
+
+
+async def persist(
+    obj: object,
+    path: str | os.PathLike[str],
+    *,
+    wait_ready: WaitReady | None = None,
+    progress: Progress | None = None,
+    _chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    _force_zip64: bool = False,
+) -> Path:
+    """Write ``obj`` to ``path`` durably and atomically; return the path.
+
+    The file is a standard ``torch.save`` zip archive: ``torch.load(path,
+    weights_only=True)``, ``torch.load(path, mmap=True)`` and
+    :func:`aiostage.load` all read it, with storage sharing between views
+    preserved.  ``obj`` may be any picklable structure (dicts, lists, tuples,
+    dataclasses, ...) whose tensors are strided CPU tensors.
+
+    The bytes go to a temp file in the same directory, which is fsynced and
+    renamed over ``path``; the directory is then fsynced.  At every instant
+    ``path`` holds the previous complete checkpoint or the new complete one.
+    Stale temp files of ``path`` left by killed processes are removed first.
+
+    Args:
+        obj: the state to write.
+        path: the checkpoint file; its directory must exist.
+        wait_ready: if given, awaited as ``wait_ready(storage)`` (``storage``
+            being ``tensor.untyped_storage()``) before that storage's bytes
+            are read, so that a stager can persist each storage as soon as
+            its copy has landed.  The pickle is written first; it needs only
+            metadata.
+        progress: if given, called on the event-loop thread as
+            ``progress(bytes_done, bytes_total)`` after each chunk; the total
+            is the pickle plus every storage's bytes.
+
+    Returns:
+        ``path`` as a :class:`pathlib.Path`.
+
+    Raises:
+        PersistError: pickling or any file operation failed; ``errno``
+            carries the OS error number (``ENOSPC``, ``EFBIG``, ...).  The
+            temp file is removed and the previous checkpoint is untouched.
+            An exception raised by ``wait_ready`` or ``progress`` propagates
+            unchanged, with the same cleanup.
+
+    Cancellation:
+        No further I/O is issued; the chunk being written by a worker thread
+        is waited for, the temp file is removed (shielded from the
+        cancellation) and the previous checkpoint is left in place.  The
+        cancellation is then re-raised as is.  A cancellation that arrives
+        while the finished file is being renamed into place lets the rename
+        complete, so ``path`` may hold the new checkpoint.
+    """
+    target = Path(os.fspath(path))
+    step = "pickling the state"
+    fd: int | None = None
+    tmp: Path | None = None
+    try:
+        plan = await anyio.to_thread.run_sync(_prepare, obj, _force_zip64)
+        total = plan.payload_bytes
+        step = "creating the temp file"
+        with anyio.CancelScope(shield=True):
+            opened_tmp, opened_fd = await anyio.to_thread.run_sync(_open_temp, target)
+            tmp, fd = opened_tmp, opened_fd
+        await anyio.lowlevel.checkpoint()
+        step = "writing the checkpoint"
+        await anyio.to_thread.run_sync(_atomic.write_all, opened_fd, plan.head, 0)
+        done = len(plan.head_records[0].data)
+        if progress is not None:
+            progress(done, total)
+        for batch in _batches(plan.storages, max(1, _chunk_bytes)):
+            if wait_ready is not None:
+                for piece in batch:
+                    if piece.start == 0:
+                        await wait_ready(piece.rec.storage)
+            await anyio.to_thread.run_sync(_write_batch, opened_fd, batch)
+            done += sum(p.end - p.start for p in batch)
+            if progress is not None:
+                progress(done, total)
+        tail = plan.tail_bytes()
+        await anyio.to_thread.run_sync(_atomic.write_all, opened_fd, tail, plan.tail_offset)
+        step = "flushing the checkpoint to disk (fsync)"
+        await anyio.to_thread.run_sync(os.fsync, opened_fd)
+        step = "closing the temp file"
+        fd = None
+        await anyio.to_thread.run_sync(os.close, opened_fd)
+        step = "renaming the temp file over the checkpoint"
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(os.replace, opened_tmp, target)
+            tmp = None
+            _atomic.forget_temp(opened_tmp)
+            step = "flushing the directory (fsync); the new checkpoint is in place"
+            await anyio.to_thread.run_sync(_atomic.fsync_dir, target.parent)
+    except BaseException as exc:
+        if fd is not None or tmp is not None:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(_atomic.discard, fd, tmp)
+        if isinstance(exc, OSError):
+            raise PersistError(
+                f"{step} failed ({exc.strerror or exc})", path=target, errno=exc.errno
+            ) from exc
+        if isinstance(exc, _archive.StateLayoutError):
+            raise PersistError(f"{step} failed: {exc}", path=target) from exc
+        if isinstance(exc, Exception) and step == "pickling the state":
+            raise PersistError(f"{step} failed: {exc!r}", path=target) from exc
+        raise
+    return target
