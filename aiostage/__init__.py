@@ -29,6 +29,10 @@ from aiostage._stage._options import StagingOptions
 from aiostage._stage._stagers import AsyncStager, BlockingAsyncStager, DefaultStager
 
 # --- persist/load ---
+# isort: split
+from aiostage._load._reader import load
+from aiostage._persist._handle import SaveHandle
+from aiostage._persist._writer import persist
 
 # --- replication ---
 
@@ -55,6 +59,9 @@ __all__ = [
     "StagingOptions",
     "StateDictStager",
     # --- persist/load ---
+    "SaveHandle",
+    "load",
+    "persist",
     # --- replication ---
     # --- training ---
 ]

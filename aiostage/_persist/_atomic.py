@@ -45,7 +45,7 @@ def create_temp(target: Path) -> tuple[Path, int]:
         tmp = target.with_name(name)
         try:
             fd = os.open(tmp, flags, 0o666)
-        except FileExistsError:  # pragma: no cover - a 64-bit token collided
+        except FileExistsError:  # taken (a collision, or a planted file): next name
             continue
         with _active_lock:
             _active.add(str(tmp))

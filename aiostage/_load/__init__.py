@@ -1,0 +1,1 @@
+"""Loading checkpoints: ``load`` and record verification."""
