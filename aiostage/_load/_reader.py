@@ -11,6 +11,7 @@ optionally verify every record's CRC-32 in chunks, then ``torch.load``.
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import threading
@@ -18,7 +19,7 @@ import zipfile
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 import anyio
 import torch
@@ -55,6 +56,30 @@ class _Entry:
     stored: bool
 
 
+def _entry(path: str, f: BinaryIO, info: zipfile.ZipInfo, file_size: int) -> _Entry:
+    """Locate one record's bytes through its local header."""
+    f.seek(info.header_offset)
+    local = f.read(_LOCAL_HEADER_LEN)
+    if len(local) < _LOCAL_HEADER_LEN or local[:4] != _LOCAL_SIG:
+        raise CorruptCheckpointError(
+            "bad local header (file truncated or overwritten)", path=path, record=info.filename
+        )
+    name_len = int.from_bytes(local[26:28], "little")
+    extra_len = int.from_bytes(local[28:30], "little")
+    data_offset = info.header_offset + _LOCAL_HEADER_LEN + name_len + extra_len
+    if data_offset + info.compress_size > file_size:
+        raise CorruptCheckpointError(
+            "record extends past the end of the file (truncated)", path=path, record=info.filename
+        )
+    return _Entry(
+        info.filename,
+        data_offset,
+        info.compress_size,
+        info.CRC,
+        info.compress_type == zipfile.ZIP_STORED,
+    )
+
+
 def _open_archive(path: str) -> list[_Entry]:
     """Check that ``path`` is a readable zip archive; list its records (worker thread)."""
     try:
@@ -68,41 +93,24 @@ def _open_archive(path: str) -> list[_Entry]:
     if not os.path.isfile(path):
         raise CheckpointLoadError("checkpoint path is not a regular file", path=path)
     try:
-        with open(path, "rb") as f, zipfile.ZipFile(f) as zf:
-            infos = zf.infolist()
-            entries: list[_Entry] = []
-            for info in infos:
-                f.seek(info.header_offset)
-                local = f.read(_LOCAL_HEADER_LEN)
-                if len(local) < _LOCAL_HEADER_LEN or local[:4] != _LOCAL_SIG:
-                    raise CorruptCheckpointError(
-                        "bad local header (file truncated or overwritten)",
-                        path=path,
-                        record=info.filename,
-                    )
-                name_len = int.from_bytes(local[26:28], "little")
-                extra_len = int.from_bytes(local[28:30], "little")
-                data_offset = info.header_offset + _LOCAL_HEADER_LEN + name_len + extra_len
-                if data_offset + info.compress_size > st.st_size:
-                    raise CorruptCheckpointError(
-                        "record extends past the end of the file (truncated)",
-                        path=path,
-                        record=info.filename,
-                    )
-                entries.append(
-                    _Entry(
-                        info.filename,
-                        data_offset,
-                        info.compress_size,
-                        info.CRC,
-                        info.compress_type == zipfile.ZIP_STORED,
-                    )
-                )
-    except zipfile.BadZipFile as exc:
+        f = open(path, "rb")  # noqa: SIM115 - closed below, errors told apart
+    except OSError as exc:
+        raise CheckpointLoadError(
+            f"cannot open the checkpoint ({exc.strerror})", path=path
+        ) from exc
+    try:
+        with f, zipfile.ZipFile(f) as zf:
+            entries = [_entry(path, f, info, st.st_size) for info in zf.infolist()]
+    except (zipfile.BadZipFile, ValueError, EOFError) as exc:
         raise CorruptCheckpointError(
             f"not a torch.save zip archive, or truncated ({exc})", path=path
         ) from exc
     except OSError as exc:
+        if exc.errno == errno.EINVAL:  # a seek to a negative offset: bad directory
+            raise CorruptCheckpointError(
+                "the zip directory points outside the file (truncated or overwritten)",
+                path=path,
+            ) from exc
         raise CheckpointLoadError(
             f"cannot read the checkpoint ({exc.strerror})", path=path
         ) from exc

@@ -1,0 +1,211 @@
+"""aiostage.load: verification, bad files, safety (weights_only + safe_globals)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import zipfile
+from pathlib import Path
+
+import anyio
+import pytest
+import torch
+
+import aiostage
+from aiostage import CheckpointLoadError, CorruptCheckpointError, UnsafeCheckpointError
+from aiostage._load import _reader
+
+
+@dataclasses.dataclass
+class RunInfo:
+    step: int
+    lr: float
+
+
+def record_data_offset(path: Path, name: str) -> int:
+    """Where a record's bytes start: central-directory offset + local header lengths."""
+    with zipfile.ZipFile(path) as zf:
+        info = zf.getinfo(name)
+    with path.open("rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)
+    name_len = int.from_bytes(local[26:28], "little")
+    extra_len = int.from_bytes(local[28:30], "little")
+    return info.header_offset + 30 + name_len + extra_len
+
+
+def storage_record(path: Path) -> str:
+    with zipfile.ZipFile(path) as zf:
+        return next(n for n in zf.namelist() if n.endswith("/data/0"))
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    with path.open("r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x10]))
+
+
+async def test_verify_catches_a_flipped_storage_byte(tmp_path: Path) -> None:
+    state = {"w": torch.arange(100_000, dtype=torch.float32)}
+    path = await aiostage.persist(state, tmp_path / "ckpt.pt")
+    await aiostage.load(path, verify=True)  # intact: passes
+    record = storage_record(path)
+    flip_byte(path, record_data_offset(path, record) + 4 * 1234 + 2)
+
+    with pytest.raises(CorruptCheckpointError) as info:
+        await aiostage.load(path, verify=True)
+    assert info.value.record == record
+    assert record in str(info.value) and str(path) in str(info.value)
+    assert "CRC" in str(info.value)
+
+    # Without verify the flip goes unnoticed: load does not read-check everything.
+    loaded = await aiostage.load(path)
+    assert not torch.equal(loaded["w"], state["w"])
+    assert (loaded["w"] != state["w"]).sum().item() == 1
+
+
+async def test_verify_on_torch_save_file_and_progress(tmp_path: Path) -> None:
+    path = tmp_path / "plain.pt"
+    state = {"a": torch.randn(300_000), "b": [torch.ones(3, dtype=torch.int8)]}
+    torch.save(state, path)
+    calls: list[tuple[int, int]] = []
+    old = _reader.VERIFY_CHUNK_BYTES
+    _reader.VERIFY_CHUNK_BYTES = 256 * 1024
+    try:
+        loaded = await aiostage.load(path, verify=True, progress=lambda d, t: calls.append((d, t)))
+    finally:
+        _reader.VERIFY_CHUNK_BYTES = old
+    assert torch.equal(loaded["a"], state["a"])
+    assert torch.equal(loaded["b"][0], state["b"][0])
+    total = calls[-1][1]
+    assert calls[-1] == (total, total) and total >= 1_200_000
+    assert len(calls) > 4 and [d for d, _ in calls] == sorted(d for d, _ in calls)
+
+
+async def test_torch_save_file_loads_with_mmap(tmp_path: Path) -> None:
+    path = tmp_path / "plain.pt"
+    base = torch.randn(64)
+    torch.save({"base": base, "view": base[8:16]}, path)
+    loaded = await aiostage.load(path, mmap=True)
+    assert torch.equal(loaded["view"], base[8:16])
+    assert loaded["view"].untyped_storage().data_ptr() == (
+        loaded["base"].untyped_storage().data_ptr()
+    )
+
+
+async def test_dataclass_needs_safe_globals(tmp_path: Path) -> None:
+    state = {"info": RunInfo(step=3, lr=0.1), "w": torch.ones(2)}
+    path = await aiostage.persist(state, tmp_path / "ckpt.pt")
+    with pytest.raises(UnsafeCheckpointError) as info:
+        await aiostage.load(path)
+    message = str(info.value)
+    assert "safe_globals" in message and str(path) in message
+    assert "RunInfo" in message
+    before = torch.serialization.get_safe_globals()
+    loaded = await aiostage.load(path, safe_globals=[RunInfo])
+    assert loaded["info"] == RunInfo(step=3, lr=0.1)
+    # The allow-list is for that load only.
+    assert torch.serialization.get_safe_globals() == before
+    with pytest.raises(UnsafeCheckpointError):
+        await aiostage.load(path)
+
+
+async def test_callers_own_safe_globals_survive(tmp_path: Path) -> None:
+    path = await aiostage.persist({"info": RunInfo(1, 2.0)}, tmp_path / "ckpt.pt")
+    torch.serialization.add_safe_globals([RunInfo])
+    try:
+        await aiostage.load(path, safe_globals=[RunInfo])
+        assert RunInfo in torch.serialization.get_safe_globals()
+    finally:
+        torch.serialization.clear_safe_globals()
+
+
+async def test_code_execution_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "evil.pt"
+    torch.save({"x": print}, path)  # a global that must never be resolved
+    with pytest.raises(UnsafeCheckpointError, match="safe_globals"):
+        await aiostage.load(path)
+
+
+async def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "absent.pt"
+    with pytest.raises(CheckpointLoadError, match="not found") as info:
+        await aiostage.load(path)
+    assert info.value.path == str(path)
+    assert not isinstance(info.value, CorruptCheckpointError)
+
+
+async def test_directory_is_not_a_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointLoadError, match="not a regular file"):
+        await aiostage.load(tmp_path)
+
+
+async def test_non_zip_file(tmp_path: Path) -> None:
+    path = tmp_path / "junk.pt"
+    path.write_bytes(b"this is not a checkpoint\n" * 100)
+    with pytest.raises(CorruptCheckpointError, match=r"not a torch\.save zip") as info:
+        await aiostage.load(path)
+    assert info.value.path == str(path)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.999])
+async def test_truncated_file(tmp_path: Path, keep: float) -> None:
+    path = await aiostage.persist({"w": torch.randn(50_000)}, tmp_path / "ckpt.pt")
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(CorruptCheckpointError) as info:
+        await aiostage.load(path)
+    assert str(path) in str(info.value)
+
+
+async def test_record_past_end_of_file_is_named(tmp_path: Path) -> None:
+    """A file cut inside a storage, with a copied-back directory, names the record."""
+    path = await aiostage.persist({"w": torch.randn(50_000)}, tmp_path / "ckpt.pt")
+    data = path.read_bytes()
+    record = storage_record(path)
+    start = record_data_offset(path, record)
+    with zipfile.ZipFile(path) as zf:
+        cd_offset = zf.start_dir
+    # Drop the second half of the storage's bytes and everything after it up
+    # to the directory, then fix the end record's directory offset: the
+    # directory is consistent but the record runs past the end of the file.
+    cut = start + 100_000
+    tail = bytearray(data[cd_offset:])
+    tail[-22 + 16 : -22 + 20] = cut.to_bytes(4, "little")
+    path.write_bytes(data[:cut] + bytes(tail))
+    with zipfile.ZipFile(path) as zf:
+        assert zf.getinfo(record).header_offset < cut  # zipfile itself still parses it
+    with pytest.raises(CorruptCheckpointError, match="past the end") as info:
+        await aiostage.load(path, verify=True)
+    assert info.value.record == record
+    assert str(path) in str(info.value)
+
+
+async def test_inconsistent_directory_offsets(tmp_path: Path) -> None:
+    path = await aiostage.persist({"w": torch.randn(50_000)}, tmp_path / "ckpt.pt")
+    data = path.read_bytes()
+    with zipfile.ZipFile(path) as zf:
+        cd_offset = zf.start_dir
+    path.write_bytes(data[:1000] + data[cd_offset:])  # end record not patched
+    with pytest.raises(CorruptCheckpointError) as info:
+        await aiostage.load(path)
+    assert str(path) in str(info.value)
+
+
+async def test_cancel_during_verify(tmp_path: Path) -> None:
+    path = await aiostage.persist({"w": torch.randn(4_000_000)}, tmp_path / "ckpt.pt")
+    first = anyio.Event()
+    old = _reader.VERIFY_CHUNK_BYTES
+    _reader.VERIFY_CHUNK_BYTES = 256 * 1024
+    try:
+        task = asyncio.create_task(
+            aiostage.load(path, verify=True, progress=lambda d, t: first.set())
+        )
+        await first.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    finally:
+        _reader.VERIFY_CHUNK_BYTES = old
