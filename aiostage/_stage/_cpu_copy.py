@@ -12,7 +12,7 @@ a staging buffer any more.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import anyio
 import anyio.to_thread
@@ -20,6 +20,7 @@ import anyio.to_thread
 from aiostage._exceptions import StagingError
 from aiostage._stage._engine import pin_storage
 from aiostage._stage._plan import CopyBatch, CopyRequest, byte_view
+from aiostage._stage._traverse import format_path
 
 __all__ = ["copy_batch", "run_in_threads"]
 
@@ -35,19 +36,17 @@ def copy_batch(requests: Sequence[CopyRequest], batch: CopyBatch) -> None:
         try:
             if req.pin and seg.start == 0:
                 pin_storage(req.dst)
-            if seg.start == 0 and seg.stop == req.nbytes:
-                req.dst.copy_(req.src)
-            else:
-                byte_view(req.dst, seg.start, seg.stop).copy_(
-                    byte_view(req.src, seg.start, seg.stop)
-                )
+            # Tensor copy_ releases the GIL (UntypedStorage.copy_ does not).
+            byte_view(req.dst, seg.start, seg.stop).copy_(byte_view(req.src, seg.start, seg.stop))
         except Exception as exc:
-            raise StagingError(f"copying {req.nbytes} bytes failed: {exc}", path=req.path) from exc
+            raise StagingError(
+                f"copying {req.nbytes} bytes failed: {exc}", path=format_path(req.path)
+            ) from exc
 
 
 async def run_in_threads(
     requests: Sequence[CopyRequest],
-    batches: Sequence[CopyBatch],
+    batches: Iterable[CopyBatch],
     threads: int,
     on_done: Callable[[CopyBatch], None],
     copy: Callable[[Sequence[CopyRequest], CopyBatch], None] = copy_batch,
@@ -67,7 +66,7 @@ async def run_in_threads(
             await anyio.to_thread.run_sync(copy, requests, batch, limiter=limiter)
             on_done(batch)
 
-    if len(batches) <= 1 or threads == 1:
+    if threads == 1:
         await worker()
         return
     # Errors are kept out of the task group (which would wrap them in an
@@ -83,7 +82,7 @@ async def run_in_threads(
             scope.cancel()
 
     async with anyio.create_task_group() as tg:
-        for _ in range(min(threads, len(batches))):
+        for _ in range(threads):
             tg.start_soon(guarded, tg.cancel_scope)
     if errors:
         raise errors[0]

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import collections
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
 import anyio
@@ -24,9 +24,11 @@ import anyio.lowlevel
 import anyio.to_thread
 import torch
 
+from aiostage._exceptions import StagingError
 from aiostage._stage._cpu_copy import run_in_threads
 from aiostage._stage._engine import pin_storage
 from aiostage._stage._plan import CopyBatch, CopyRequest, byte_view
+from aiostage._stage._traverse import format_path
 
 __all__ = ["DeviceOps", "TorchDeviceOps", "run_on_stream"]
 
@@ -86,14 +88,16 @@ class TorchDeviceOps:
 
 def _segments(
     requests: Sequence[CopyRequest], batch: CopyBatch
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    out = []
+) -> Iterator[tuple[CopyRequest, torch.Tensor, torch.Tensor]]:
     for seg in batch.segments:
         req = requests[seg.request]
-        out.append(
-            (byte_view(req.dst, seg.start, seg.stop), byte_view(req.src, seg.start, seg.stop))
-        )
-    return out
+        yield req, byte_view(req.dst, seg.start, seg.stop), byte_view(req.src, seg.start, seg.stop)
+
+
+def _copy_error(req: CopyRequest, exc: Exception) -> StagingError:
+    return StagingError(
+        f"device-to-host copy of {req.nbytes} bytes failed: {exc}", path=format_path(req.path)
+    )
 
 
 async def _wait_event(event: EventLike) -> None:
@@ -108,7 +112,7 @@ async def run_on_stream(
     stream: Any,
     device: torch.device,
     requests: Sequence[CopyRequest],
-    batches: Sequence[CopyBatch],
+    batches: Iterable[CopyBatch],
     on_done: Callable[[CopyBatch], None],
     *,
     non_blocking: bool,
@@ -132,8 +136,11 @@ async def run_on_stream(
             }.values():
                 if req.pin:
                     pin_storage(req.dst)
-            for dst, src in _segments(reqs, batch):
-                ops.copy_blocking(stream, dst, src)
+            for req, dst, src in _segments(reqs, batch):
+                try:
+                    ops.copy_blocking(stream, dst, src)
+                except Exception as exc:
+                    raise _copy_error(req, exc) from exc
 
         await run_in_threads(requests, batches, 1, on_done, copy)
         return
@@ -152,8 +159,11 @@ async def run_on_stream(
     try:
         deadline = time.perf_counter() + ISSUE_BUDGET_S
         for batch in batches:
-            for dst, src in _segments(requests, batch):
-                ops.copy_async(stream, dst, src)
+            for req, dst, src in _segments(requests, batch):
+                try:
+                    ops.copy_async(stream, dst, src)
+                except Exception as exc:
+                    raise _copy_error(req, exc) from exc
             inflight.append((ops.record_event(stream), batch))
             while inflight and inflight[0][0].query():
                 on_done(inflight.popleft()[1])

@@ -20,7 +20,6 @@ from collections.abc import Generator
 from typing import Any, NamedTuple, TypeVar, cast
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
 from aiostage._exceptions import StagingError
 from aiostage._stage._options import accelerator_available
@@ -74,6 +73,48 @@ def _allocate(nbytes: int, *, shared: bool, pinned_alloc: bool) -> torch.Untyped
     return torch.UntypedStorage(nbytes)
 
 
+class _StorageCache:
+    """Staging storages keyed weakly by their source storage.
+
+    An entry disappears as soon as its source storage is freed.  Lookups are
+    a plain dict access on the storage's identity, which matters for states
+    of tens of thousands of tensors.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[
+            int, tuple[weakref.ref[torch.UntypedStorage], torch.UntypedStorage]
+        ] = {}
+
+    def get(self, src: torch.UntypedStorage) -> torch.UntypedStorage | None:
+        entry = self._entries.get(src._cdata)
+        if entry is not None and entry[0]() is src:
+            return entry[1]
+        return None
+
+    def put(self, src: torch.UntypedStorage, dst: torch.UntypedStorage) -> None:
+        key = src._cdata
+        entries = self._entries
+
+        def drop(ref: weakref.ref[torch.UntypedStorage]) -> None:
+            current = entries.get(key)
+            if current is not None and current[0] is ref:
+                del entries[key]
+
+        entries[key] = (weakref.ref(src, drop), dst)
+
+    def pop(self, src: torch.UntypedStorage) -> None:
+        entry = self._entries.get(src._cdata)
+        if entry is not None and entry[0]() is src:
+            del self._entries[src._cdata]
+
+    def storages(self) -> list[torch.UntypedStorage]:
+        return [dst for _, dst in list(self._entries.values())]
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
 class StateDictStager:
     """Deep-copies any object so that every tensor lives in CPU memory.
 
@@ -109,7 +150,7 @@ class StateDictStager:
         self.pin_memory = pin_memory
         self.share_memory = share_memory
         self.pin_memory_min_bytes = pin_memory_min_bytes
-        self._cache: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._cache = _StorageCache()
         self._cuda_pinning = pin_memory and torch.cuda.is_available()
         self._lock = threading.Lock()
 
@@ -136,22 +177,30 @@ class StateDictStager:
                     next(gen)
             except StopIteration as stop:
                 plan: StagePlan = stop.value
-            for req in plan.requests:
-                try:
-                    if req.pin:
-                        pin_storage(req.dst)
-                    if req.nbytes:
-                        byte_view(req.dst).copy_(byte_view(req.src), non_blocking=non_blocking)
-                except Exception as exc:
-                    raise StagingError(
-                        f"copying {req.nbytes} bytes failed: {exc}", path=req.path
-                    ) from exc
+            try:
+                self._copy_all(plan, non_blocking)
+            except BaseException:
+                self.discard(plan)
+                raise
             self.commit(plan)
             return plan.result  # type: ignore[no-any-return]
 
+    @staticmethod
+    def _copy_all(plan: StagePlan, non_blocking: bool) -> None:
+        for req in plan.requests:
+            try:
+                if req.pin:
+                    pin_storage(req.dst)
+                if req.nbytes:
+                    byte_view(req.dst).copy_(byte_view(req.src), non_blocking=non_blocking)
+            except Exception as exc:
+                raise StagingError(
+                    f"copying {req.nbytes} bytes failed: {exc}", path=format_path(req.path)
+                ) from exc
+
     def cache_info(self) -> CacheInfo:
         """How many staging storages are cached, and their total bytes."""
-        dsts = list(self._cache.values())
+        dsts = self._cache.storages()
         return CacheInfo(len(dsts), sum(d.nbytes() for d in dsts))
 
     def close(self) -> None:
@@ -170,7 +219,10 @@ class StateDictStager:
         work so that an event loop can run in between.
         """
         requests: list[CopyRequest] = []
-        new_entries: list[tuple[torch.UntypedStorage, torch.UntypedStorage]] = []
+        # Fresh staging storages enter the cache as they are allocated (so the
+        # cost is spread over the time-sliced traversal) and are taken out
+        # again by discard() if the stage fails.
+        new_entries: list[torch.UntypedStorage] = []
         seen: dict[int, torch.UntypedStorage] = {}
         cache = self._cache
 
@@ -191,25 +243,33 @@ class StateDictStager:
                     shared=self.share_memory,
                     pinned_alloc=pin and not self._cuda_pinning,
                 )
-                new_entries.append((src, dst))
+                if cache.get(src) is None:
+                    new_entries.append(src)
+                cache.put(src, dst)
                 pin = pin and self._cuda_pinning
             else:
                 pin = False
             assert dst is not None
-            requests.append(CopyRequest(src, dst, nbytes, format_path(path), pin))
+            requests.append(CopyRequest(src, dst, nbytes, path, pin))
             seen[key] = dst
             return dst
 
         traversal = Traversal(storage_for, type_check=type_check, budget_s=budget_s)
-        result = yield from traversal.run(obj)
+        try:
+            result = yield from traversal.run(obj)
+        except BaseException:  # including GeneratorExit when the caller gives up
+            for src in new_entries:
+                cache.pop(src)
+            raise
         return StagePlan(result, requests, new_entries)
 
     def commit(self, plan: StagePlan) -> None:
-        """Adopt the storages ``plan`` allocated into the cache (on success only)."""
-        for src, dst in plan.new_entries:
-            self._cache[src] = dst
+        """Keep the storages ``plan`` allocated in the cache (on success)."""
         plan.new_entries = []
 
     def discard(self, plan: StagePlan) -> None:
-        """Forget a plan that failed or was cancelled: nothing enters the cache."""
+        """Forget a plan that failed or was cancelled: the storages it
+        allocated leave the cache again, so nothing half-staged stays."""
+        for src in plan.new_entries:
+            self._cache.pop(src)
         plan.new_entries = []

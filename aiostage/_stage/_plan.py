@@ -11,37 +11,39 @@ instance) when a storage's bytes have landed.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
 import torch
 
+#: At most this many segments in one batch, so that per-batch bookkeeping (in
+#: the copy thread and on the loop) stays short for states of tiny tensors.
+MAX_SEGMENTS = 256
+
 __all__ = ["CopyBatch", "CopyRequest", "Segment", "StagePlan", "byte_view"]
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class CopyRequest:
+class CopyRequest(NamedTuple):
     """Copy one unique source storage into its staging storage.
 
     Attributes:
         src: the original storage (any device).
         dst: the CPU storage the staged tensors point at.
         nbytes: bytes to copy (both storages have this size).
-        path: key path of the first tensor found on ``src``, for errors.
+        path: key path of the first tensor found on ``src``, for errors
+            (a linked ``(parent, key)`` tuple; see ``format_path``).
         pin: ``dst`` is fresh and must be pinned before the first copy.
     """
 
     src: torch.UntypedStorage
     dst: torch.UntypedStorage
     nbytes: int
-    path: str
+    path: tuple[Any, ...]
     pin: bool = False
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Segment:
+class Segment(NamedTuple):
     """Bytes ``[start, stop)`` of request number ``request``."""
 
     request: int
@@ -49,8 +51,7 @@ class Segment:
     stop: int
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class CopyBatch:
+class CopyBatch(NamedTuple):
     """One unit of copy work: whole small storages or a slice of a big one."""
 
     segments: tuple[Segment, ...]
@@ -71,23 +72,24 @@ class StagePlan:
     """The staged object's skeleton plus the copies that fill it.
 
     ``result`` must not be handed to the caller before every request has
-    landed.  ``new_entries`` lists the (source, destination) storage pairs the
-    traversal allocated; the engine adds them to its cache only when the whole
-    plan succeeded (:meth:`StateDictStager.commit`), so a failed or cancelled
-    stage leaves nothing half-staged in the cache.
+    landed.  ``new_entries`` lists the source storages whose staging storage
+    the traversal allocated and cached; the engine takes them out of its cache
+    again unless the whole plan succeeds (:meth:`StateDictStager.discard`), so
+    a failed or cancelled stage leaves nothing half-staged in the cache.
     """
 
     def __init__(
         self,
         result: Any,
         requests: list[CopyRequest],
-        new_entries: list[tuple[torch.UntypedStorage, torch.UntypedStorage]],
+        new_entries: list[torch.UntypedStorage],
     ) -> None:
         self.result = result
         self.requests = requests
         self.new_entries = new_entries
         self.nbytes = sum(r.nbytes for r in requests)
-        self._remaining = [0] * len(requests)
+        # Segments not yet landed per request, plus one until its batches exist.
+        self._remaining = [1 if r.nbytes else 0 for r in requests]
         self._by_dst = {r.dst._cdata: i for i, r in enumerate(requests)}
         self._landed: dict[int, anyio.Event] = {}
         self._failed: BaseException | None = None
@@ -95,35 +97,37 @@ class StagePlan:
 
     # -- batching -------------------------------------------------------------
 
-    def batches(self, chunk_bytes: int, indices: Iterable[int] | None = None) -> list[CopyBatch]:
+    def batches(
+        self, chunk_bytes: int, indices: Iterable[int] | None = None
+    ) -> Iterator[CopyBatch]:
         """Split the requests (all, or those at ``indices``) into batches of at
-        most ``chunk_bytes`` each.
+        most ``chunk_bytes`` bytes and ``MAX_SEGMENTS`` segments each.
 
         Small storages are grouped, big ones are cut; the order of requests is
-        kept so that storages land in the order a writer wants them.  Call it
-        once per plan: it arms the landed-tracking.  Empty storages have
-        landed from the start.
+        kept so that storages land in the order a writer wants them.  The
+        batches are produced lazily, so that a state of many tensors costs the
+        event loop a little per batch instead of all at once.  Iterate it once
+        per request: it arms the landed-tracking.
         """
-        out: list[CopyBatch] = []
         pending: list[Segment] = []
         size = 0
+        remaining = self._remaining
         for index in range(len(self.requests)) if indices is None else indices:
             req = self.requests[index]
-            if req.nbytes == 0:
-                continue
+            nbytes = req.nbytes
             start = 0
-            while start < req.nbytes:
-                take = min(req.nbytes - start, chunk_bytes - size)
+            while start < nbytes:
+                take = min(nbytes - start, chunk_bytes - size)
                 pending.append(Segment(index, start, start + take))
-                self._remaining[index] += 1
                 start += take
                 size += take
-                if size >= chunk_bytes:
-                    out.append(CopyBatch(tuple(pending), size))
+                # The request's "not started" token goes with its last segment.
+                remaining[index] += 0 if start == nbytes else 1
+                if size >= chunk_bytes or len(pending) >= MAX_SEGMENTS:
+                    yield CopyBatch(tuple(pending), size)
                     pending, size = [], 0
         if pending:
-            out.append(CopyBatch(tuple(pending), size))
-        return out
+            yield CopyBatch(tuple(pending), size)
 
     # -- completion tracking (loop thread only) ------------------------------
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import copyreg
+import sys
 import time
 import types
 import weakref
@@ -78,20 +79,15 @@ def format_path(path: Path) -> str:
     return ".".join(reversed(parts)) if parts else "<root>"
 
 
-def _dtensor_type() -> type | None:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without distributed
-        return None
-    return DTensor
+def _loaded_type(module: str, name: str) -> type | None:
+    """``module.name`` if that module is already imported, else ``None``.
 
-
-def _sharded_tensor_type() -> type | None:
-    try:
-        from torch.distributed._shard.sharded_tensor.api import ShardedTensor
-    except ImportError:  # pragma: no cover - torch without distributed
-        return None
-    return ShardedTensor
+    A DTensor or ShardedTensor can only exist if its module was imported, so
+    there is no need to pay for importing torch.distributed here.
+    """
+    mod = sys.modules.get(module)
+    found = getattr(mod, name, None) if mod is not None else None
+    return found if isinstance(found, type) else None
 
 
 class Traversal:
@@ -117,8 +113,8 @@ class Traversal:
         self._memo[id(self._memo)] = self._keepalive
         self._ticks = 0
         self._deadline = float("inf")
-        self._dtensor = _dtensor_type()
-        self._sharded = _sharded_tensor_type()
+        self._dtensor = _loaded_type("torch.distributed.tensor", "DTensor")
+        self._sharded = _loaded_type("torch.distributed._shard.sharded_tensor.api", "ShardedTensor")
 
     # -- driving --------------------------------------------------------------
 
@@ -333,18 +329,8 @@ class Traversal:
         return y
 
     def _plain_tensor(self, t: torch.Tensor, path: Path) -> torch.Tensor:
-        if t.layout is not torch.strided:
-            raise StagingError(
-                f"cannot stage a tensor with layout {t.layout}; only strided tensors are supported",
-                path=format_path(path),
-            )
-        if t.is_quantized or t.is_nested:
-            raise StagingError("cannot stage quantized or nested tensors", path=format_path(path))
-        if t.device.type == "meta":
-            raise StagingError(
-                "cannot stage a tensor on the meta device: it holds no data",
-                path=format_path(path),
-            )
+        if t.layout is not torch.strided or t.is_quantized or t.is_nested or t.is_meta:
+            self._refuse(t, path)
         try:
             src = t.untyped_storage()
         except (RuntimeError, NotImplementedError) as exc:
@@ -352,8 +338,7 @@ class Traversal:
                 f"tensor has no storage to copy: {exc}", path=format_path(path)
             ) from exc
         dst = self._storage_for(t, src, path)
-        with torch.no_grad():
-            y = torch.empty((0,), dtype=t.dtype).set_(dst, t.storage_offset(), t.size(), t.stride())
+        y = torch.empty((0,), dtype=t.dtype).set_(dst, t.storage_offset(), t.size(), t.stride())
         if t.is_conj():
             y = y.conj()
         if t.is_neg():
@@ -363,6 +348,16 @@ class Traversal:
         elif t.requires_grad:
             y.requires_grad_(True)
         return y
+
+    @staticmethod
+    def _refuse(t: torch.Tensor, path: Path) -> None:
+        if t.is_meta:
+            reason = "a tensor on the meta device: it holds no data"
+        elif t.is_quantized or t.is_nested:
+            reason = "quantized or nested tensors"
+        else:
+            reason = f"a tensor with layout {t.layout}; only strided tensors are supported"
+        raise StagingError(f"cannot stage {reason}", path=format_path(path))
 
     def _dtensor_copy(self, t: Any, path: Path) -> torch.Tensor:
         local = self._plain_tensor(t._local_tensor, (path, "_local_tensor"))
