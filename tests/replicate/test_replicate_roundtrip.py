@@ -1,0 +1,216 @@
+"""ReplicationStager round trips over real gloo groups (2 and 4 processes)."""
+
+from __future__ import annotations
+
+import collections
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _distributed import run_group
+
+import aiostage
+from aiostage import ReplicationStager
+from aiostage._replicate import _transport
+from aiostage._replicate._stager import partner_of, replica_filename
+
+
+def make_state(rank: int) -> dict[str, Any]:
+    """A state exercising views, dtypes, identity and non-tensor leaves."""
+    g = torch.Generator().manual_seed(1000 + rank)
+    base = torch.randn(6, 4, generator=g)
+    weight = torch.nn.Parameter(torch.randn(3, 3, generator=g))
+    shared = torch.arange(10, dtype=torch.int64) + rank
+    return {
+        "base": base,
+        "row": base[2],  # a view: shares base's storage
+        "col_t": base.t()[1:3],  # a non-contiguous view of the same storage
+        "weight": weight,
+        "dtypes": {
+            "bf16": torch.randn(5, generator=g).to(torch.bfloat16),
+            "f16": torch.randn(2, 3, generator=g).to(torch.float16),
+            "f64": torch.randn(4, generator=g, dtype=torch.float64),
+            "i8": torch.tensor([-1, 2, -3], dtype=torch.int8),
+            "u8": torch.tensor([1, 2, 255], dtype=torch.uint8),
+            "bool": torch.tensor([True, False, True]),
+            "c64": torch.randn(3, generator=g, dtype=torch.complex64),
+            "scalar": torch.tensor(3.5 + rank),
+            "empty": torch.empty(0, 3),
+        },
+        "same": [shared, shared],  # one tensor object twice
+        "narrow": shared[3:7],
+        "step": 17 + rank,
+        "lr": 0.125,
+        "name": f"rank{rank}",
+        "flag": None,
+        "nested": collections.OrderedDict(a=(1, 2.5, "x"), b=[b"bytes", {3, 4}]),
+        "size": torch.Size([2, 3]),
+        "dtype": torch.float16,
+    }
+
+
+def assert_same(actual: Any, expected: Any, path: str = "") -> None:
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(actual, torch.Tensor), path
+        assert type(actual) is type(expected), path
+        assert actual.dtype == expected.dtype, path
+        assert actual.shape == expected.shape, path
+        assert actual.stride() == expected.stride(), path
+        assert actual.storage_offset() == expected.storage_offset(), path
+        assert actual.requires_grad == expected.requires_grad, path
+        assert actual.device.type == "cpu", path
+        assert torch.equal(actual.detach(), expected.detach()), path
+    elif isinstance(expected, dict):
+        assert type(actual) is type(expected) and actual.keys() == expected.keys(), path
+        for key in expected:
+            assert_same(actual[key], expected[key], f"{path}.{key}")
+    elif isinstance(expected, list | tuple):
+        assert type(actual) is type(expected) and len(actual) == len(expected), path
+        for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
+            assert_same(a, e, f"{path}.{i}")
+    else:
+        assert actual == expected and type(actual) is type(expected), path
+
+
+def check_sharing(state: dict[str, Any]) -> None:
+    """Views arrive on their base's storage; a repeated tensor is one object."""
+    ptr = state["base"].untyped_storage().data_ptr()
+    assert state["row"].untyped_storage().data_ptr() == ptr
+    assert state["col_t"].untyped_storage().data_ptr() == ptr
+    assert state["same"][0] is state["same"][1]
+    assert (
+        state["narrow"].untyped_storage().data_ptr()
+        == state["same"][0].untyped_storage().data_ptr()
+    )
+    assert state["base"].untyped_storage().nbytes() == 6 * 4 * 4
+
+
+def own_files(storage_dir: str, rank: int) -> list[str]:
+    return sorted(p.name for p in Path(storage_dir).iterdir() if f"rank_{rank}_" in p.name)
+
+
+async def _exchange_worker(rank: int, world: int, storage_dir: str) -> float:
+    peer = partner_of(rank, world)
+    state = make_state(rank)
+    async with ReplicationStager(timeout=timedelta(seconds=30), storage_dir=storage_dir) as stager:
+        replica = await stager.stage(state)
+        # The input may be mutated once stage() returned: the replica is not affected.
+        with torch.no_grad():
+            for t in (state["base"], state["weight"], state["same"][0]):
+                t.add_(1000)
+        expected = make_state(peer)
+        assert_same(replica, expected)
+        check_sharing(replica)
+        assert stager.replica is replica
+
+        path = Path(storage_dir) / replica_filename(rank, peer)
+        on_disk = torch.load(path, weights_only=True)
+        assert_same(on_disk, expected)
+        check_sharing(on_disk)
+
+        # A second stage overwrites the same file, atomically.
+        state2 = {"step": 100 + rank, "w": torch.full((4,), float(rank))}
+        replica2 = await stager.stage(state2)
+        assert replica2["step"] == 100 + peer and torch.equal(
+            replica2["w"], torch.full((4,), float(peer))
+        )
+        assert torch.equal(torch.load(path, weights_only=True)["w"], replica2["w"])
+        assert own_files(storage_dir, rank) == [path.name]
+        # The first replica is a separate object: not overwritten by the second call.
+        assert_same(replica, expected)
+    return 0.0
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("world", [2, 4])
+def test_exchange_round_trip(world: int, tmp_path: Path) -> None:
+    run_group(_exchange_worker, world, str(tmp_path), timeout=50)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == sorted(replica_filename(r, partner_of(r, world)) for r in range(world))
+
+
+async def _recover_worker(rank: int, world: int, storage_dir: str, restarted: int) -> None:
+    peer = partner_of(rank, world)
+    group_dir = Path(storage_dir) / "shared"
+    async with ReplicationStager(timeout=timedelta(seconds=30), storage_dir=group_dir) as stager:
+        await stager.stage(make_state(rank))
+    # The stagers are closed; the files stay.  Now `restarted` comes back with an
+    # empty state and no memory; its partner keeps a stager holding the replica.
+    survivor = partner_of(restarted, world)
+    if rank == restarted:
+        fresh_dir = Path(storage_dir) / f"fresh{rank}"  # nothing of the old run in it
+        async with ReplicationStager(timeout=timedelta(seconds=30), storage_dir=fresh_dir) as new:
+            assert new.replica is None
+            mine = await new.recover()
+        assert_same(mine, make_state(rank))
+        check_sharing(mine)
+        # The same state, from the partner's file (no live partner needed).
+        from_file = await aiostage.load_replica(group_dir, rank)
+        assert_same(from_file, make_state(rank))
+        check_sharing(from_file)
+        assert aiostage.find_replica(group_dir, rank).name == replica_filename(peer, rank)
+    elif rank == survivor:
+        # A new process on the survivor's side would find the replica in its file;
+        # here the survivor also restarts its stager (memory gone) and serves the
+        # replica from storage_dir.
+        async with ReplicationStager(timeout=timedelta(seconds=30), storage_dir=group_dir) as again:
+            got = await again.recover()
+        assert got is None  # the restarted rank held nothing of the survivor
+
+
+@pytest.mark.timeout(60)
+def test_recover_after_restart(tmp_path: Path) -> None:
+    run_group(_recover_worker, 2, str(tmp_path), 0, timeout=50)
+
+
+async def _recover_memory_worker(rank: int, world: int) -> None:
+    async with ReplicationStager(timeout=timedelta(seconds=30)) as stager:
+        await stager.stage(make_state(rank))
+        if rank == 1:
+            async with ReplicationStager(timeout=timedelta(seconds=30)) as new:
+                mine = await new.recover()
+            assert_same(mine, make_state(rank))
+            check_sharing(mine)
+        else:
+            got = await stager.recover()  # serves from memory
+            assert got is None
+
+
+@pytest.mark.timeout(60)
+def test_recover_from_partner_memory() -> None:
+    run_group(_recover_memory_worker, 2, timeout=50)
+
+
+async def test_stage_without_process_group_returns_input() -> None:
+    state = make_state(0)
+    async with ReplicationStager() as stager:
+        out = await stager.stage(state)
+        assert out is state
+        assert stager.storage_dir is None
+    with pytest.raises(aiostage.StagerClosedError):
+        await stager.stage(state)
+
+
+def test_encode_decode_in_process() -> None:
+    state = make_state(3)
+    enc = _transport.encode(state)
+    # Unique storages only: base, shared, weight and one per dtype entry.
+    assert len(enc.storages) == 3 + len(state["dtypes"])
+    storages = [torch.UntypedStorage(s.nbytes()) for s in enc.storages]
+    for dst, src in zip(storages, enc.storages, strict=True):
+        dst.copy_(src)
+    out = _transport.decode(enc.meta, storages)
+    assert_same(out, state)
+    check_sharing(out)
+
+
+def test_restricted_unpickler_refuses_unknown_globals() -> None:
+    enc = _transport.encode({"fn": print, "x": collections.Counter("ab")})
+    with pytest.raises(aiostage.ReplicationError, match=r"builtins\.print"):
+        _transport.decode(enc.meta, [])
