@@ -35,6 +35,8 @@ from aiostage._persist._handle import SaveHandle
 from aiostage._persist._writer import persist
 
 # --- replication ---
+from aiostage._replicate._recover import find_replica, load_replica
+from aiostage._replicate._stager import ReplicationStager
 
 # --- training ---
 
@@ -63,5 +65,8 @@ __all__ = [
     "load",
     "persist",
     # --- replication ---
+    "ReplicationStager",
+    "find_replica",
+    "load_replica",
     # --- training ---
 ]
