@@ -39,6 +39,9 @@ from aiostage._replicate._recover import find_replica, load_replica
 from aiostage._replicate._stager import ReplicationStager
 
 # --- training ---
+# isort: split
+from aiostage._train._manager import CheckpointManager, SaveStats
+from aiostage._train._state import get_rng_state, get_state, set_rng_state, set_state
 
 __version__ = "0.1.0"
 
@@ -69,4 +72,10 @@ __all__ = [
     "find_replica",
     "load_replica",
     # --- training ---
+    "CheckpointManager",
+    "SaveStats",
+    "get_rng_state",
+    "get_state",
+    "set_rng_state",
+    "set_state",
 ]

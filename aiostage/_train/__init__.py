@@ -1,0 +1,1 @@
+"""Checkpointing a training loop: model/optimizer state and the checkpoint manager."""
