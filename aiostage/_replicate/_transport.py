@@ -20,8 +20,8 @@ Persistent ids (plain tuples of ints and strings)::
 
     ("t", tid, sid, offset, size, stride, dtype, requires_grad, param, conj, neg, attrs)
     ("ref", tid)                       the same tensor object again
-    ("dt", tid, local_pid, mesh_key, placements, shape, stride, requires_grad)
-    ("st", tid, [(shard_pid, offsets, sizes, placement)], size, dtype,
+    ("dt", tid, local, mesh_key, placements, shape, stride, requires_grad)
+    ("st", tid, [(shard, offsets, sizes, placement)], size, dtype,
            requires_grad, pin_memory, [(offsets, sizes, placement)], group_name)
 
 DTensors travel as their local tensor plus placements and global shape; the
@@ -240,7 +240,7 @@ class _Pickler(pickle.Pickler):
             return (
                 "dt",
                 tid,
-                self._plain(obj._local_tensor),
+                obj._local_tensor,
                 key,
                 tuple(_encode_placement(p) for p in spec.placements),
                 tuple(obj.size()),
@@ -257,7 +257,7 @@ class _Pickler(pickle.Pickler):
                 tid,
                 [
                     (
-                        self._plain(s.tensor),
+                        s.tensor,
                         list(s.metadata.shard_offsets),
                         list(s.metadata.shard_sizes),
                         str(s.metadata.placement),
