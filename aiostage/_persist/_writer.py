@@ -7,8 +7,8 @@ The write is a short series of worker-thread steps, each awaited with
 2. create the temp file next to the target, removing stale temps first;
 3. write the pickle and metadata records in one go;
 4. for each storage: await ``wait_ready(storage)``, then write its bytes in
-   large chunks straight from the storage's memory (no copy), computing the
-   CRC-32 of each chunk in the same thread while it is hot, then its local
+   large chunks straight from the storage's memory (no copy) while a second
+   thread computes the chunk's CRC-32 from the same memory, then its local
    header; small storages share one thread hop;
 5. write the trailing records and the central directory;
 6. fsync, close, ``os.replace`` over the target, fsync the directory.
@@ -18,9 +18,11 @@ The event loop thread only schedules these steps and calls ``progress``.
 
 from __future__ import annotations
 
+import concurrent.futures
 import ctypes
 import errno as _errno
 import os
+import threading
 import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -88,16 +90,58 @@ def _batches(storages: list[_archive.StorageRecord], chunk: int) -> list[list[_P
     return batches
 
 
-def _write_batch(fd: int, batch: list[_Piece]) -> None:
-    """Write one batch of pieces and update their records' CRCs (worker thread)."""
+def _crc_pieces(batch: list[_Piece]) -> None:
+    """Fold each piece's bytes into its record's CRC-32, in order."""
     for piece in batch:
-        rec = piece.rec
         if piece.end > piece.start:
-            view = _storage_view(rec.storage)[piece.start : piece.end]
-            _atomic.write_all(fd, view, rec.data_offset + piece.start)
-            rec.crc = zlib.crc32(view, rec.crc)
-        if piece.end == rec.nbytes:
-            _atomic.write_all(fd, _archive.local_header(rec), rec.header_offset)
+            view = _storage_view(piece.rec.storage)[piece.start : piece.end]
+            piece.rec.crc = zlib.crc32(view, piece.rec.crc)
+
+
+def _crc_pool() -> concurrent.futures.ThreadPoolExecutor:
+    global _CRC_POOL
+    with _CRC_POOL_LOCK:
+        if _CRC_POOL is None:
+            _CRC_POOL = concurrent.futures.ThreadPoolExecutor(
+                max_workers=4, thread_name_prefix="aiostage-crc"
+            )
+        return _CRC_POOL
+
+
+_CRC_POOL: concurrent.futures.ThreadPoolExecutor | None = None
+_CRC_POOL_LOCK = threading.Lock()
+_PARALLEL_CRC_MIN_BYTES = 1024 * 1024
+
+
+def _write_batch(fd: int, batch: list[_Piece]) -> None:
+    """Write one batch of pieces, with their CRCs, then finished records' headers.
+
+    Runs in a worker thread.  For a large batch the CRC-32 is computed by a
+    second thread while this one writes the same bytes (both release the
+    GIL), so checksumming costs no extra wall time on a multi-core machine;
+    this call returns only once both are done, so no thread touches the
+    storage afterwards.
+    """
+    nbytes = sum(p.end - p.start for p in batch)
+    if nbytes >= _PARALLEL_CRC_MIN_BYTES:
+        crc_done = _crc_pool().submit(_crc_pieces, batch)
+        try:
+            for piece in batch:
+                if piece.end > piece.start:
+                    view = _storage_view(piece.rec.storage)[piece.start : piece.end]
+                    _atomic.write_all(fd, view, piece.rec.data_offset + piece.start)
+        finally:
+            concurrent.futures.wait([crc_done])
+        crc_done.result()
+    else:
+        for piece in batch:
+            if piece.end > piece.start:
+                view = _storage_view(piece.rec.storage)[piece.start : piece.end]
+                _atomic.write_all(fd, view, piece.rec.data_offset + piece.start)
+        _crc_pieces(batch)
+    for piece in batch:
+        if piece.end == piece.rec.nbytes:
+            _atomic.write_all(fd, _archive.local_header(piece.rec), piece.rec.header_offset)
 
 
 def _prepare(obj: object, force_zip64: bool) -> _archive.ArchivePlan:
