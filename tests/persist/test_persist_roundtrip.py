@@ -257,3 +257,29 @@ async def test_overwrite_replaces_previous(tmp_path: Path) -> None:
     await aiostage.persist({"v": torch.full((5,), 2.0)}, target)
     assert torch.equal((await aiostage.load(target))["v"], torch.full((5,), 2.0))
     assert [p.name for p in _names(tmp_path, "*")] == ["ckpt.pt"]
+
+
+def test_storage_view_is_zero_copy() -> None:
+    from aiostage._persist._writer import _storage_view
+
+    t = torch.zeros(16, dtype=torch.uint8)
+    view = _storage_view(t.untyped_storage())
+    t[3] = 200  # a later change to the tensor shows through: no copy was made
+    assert bytes(view[3:4]) == bytes([200]) and view.nbytes == 16
+    assert view.readonly is False
+
+
+def test_zip64_chosen_automatically_past_4_gib() -> None:
+    from aiostage._persist import _archive
+
+    small = torch.zeros(1).untyped_storage()
+    huge = _archive.StorageRecord("0", small, nbytes=5 * 1024**3)
+    after = _archive.StorageRecord("1", small, nbytes=4)
+    plan = _archive.plan_archive(b"pickle", [huge, after])
+    assert [r.zip64 for r in plan.head_records] == [False] * 4
+    assert huge.zip64  # its size does not fit 32 bits
+    assert after.zip64  # its offset does not fit 32 bits
+    assert all(r.zip64 for r in plan.tail_records)
+    tail = plan.tail_bytes()
+    assert b"PK\x06\x06" in tail and b"PK\x06\x07" in tail
+    assert tail.endswith(b"\xff\xff\xff\xff\xff\xff\xff\xff\x00\x00")  # sizes moved to zip64
