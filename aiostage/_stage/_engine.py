@@ -225,6 +225,11 @@ class StateDictStager:
         new_entries: list[torch.UntypedStorage] = []
         seen: dict[int, torch.UntypedStorage] = {}
         cache = self._cache
+        # Requests whose first tensor covers its whole storage, densely: their
+        # bytes can be copied tensor-to-tensor, many in one foreach call.
+        whole: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        created = [-1]  # index of the request the last storage_for() made
+        by_dst: dict[int, int] = {}
 
         def storage_for(
             t: torch.Tensor, src: torch.UntypedStorage, path: Path
@@ -250,18 +255,33 @@ class StateDictStager:
             else:
                 pin = False
             assert dst is not None
+            created[0] = by_dst[dst._cdata] = len(requests)
             requests.append(CopyRequest(src, dst, nbytes, path, pin))
             seen[key] = dst
             return dst
 
-        traversal = Traversal(storage_for, type_check=type_check, budget_s=budget_s)
+        def on_tensor(t: torch.Tensor, y: torch.Tensor) -> None:
+            index, created[0] = created[0], -1
+            if (
+                index >= 0
+                and t.storage_offset() == 0
+                and t.is_contiguous()
+                and t.numel() * t.element_size() == requests[index].nbytes
+                and not t.is_conj()
+                and not t.is_neg()
+            ):
+                whole[index] = (t, y)
+
+        traversal = Traversal(
+            storage_for, on_tensor=on_tensor, type_check=type_check, budget_s=budget_s
+        )
         try:
             result = yield from traversal.run(obj)
         except BaseException:  # including GeneratorExit when the caller gives up
             for src in new_entries:
                 cache.pop(src)
             raise
-        return StagePlan(result, requests, new_entries)
+        return StagePlan(result, requests, new_entries, whole, by_dst)
 
     def commit(self, plan: StagePlan) -> None:
         """Keep the storages ``plan`` allocated in the cache (on success)."""

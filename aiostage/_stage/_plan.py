@@ -83,14 +83,23 @@ class StagePlan:
         result: Any,
         requests: list[CopyRequest],
         new_entries: list[torch.UntypedStorage],
+        whole: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
+        by_dst: dict[int, int] | None = None,
     ) -> None:
         self.result = result
         self.requests = requests
         self.new_entries = new_entries
+        #: request index -> (source, staged) tensors spanning the whole
+        #: storage densely; such copies can be batched tensor-to-tensor.
+        self.whole = whole if whole is not None else {}
+        # Built incrementally by the engine when it has them, since for tens
+        # of thousands of storages they take milliseconds.
+        if by_dst is None:
+            by_dst = {r.dst._cdata: i for i, r in enumerate(requests)}
+        self._by_dst = by_dst
         self.nbytes = sum(r.nbytes for r in requests)
         # Segments not yet landed per request, plus one until its batches exist.
         self._remaining = [1 if r.nbytes else 0 for r in requests]
-        self._by_dst = {r.dst._cdata: i for i, r in enumerate(requests)}
         self._landed: dict[int, anyio.Event] = {}
         self._failed: BaseException | None = None
         self.bytes_done = 0

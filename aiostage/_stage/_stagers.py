@@ -294,7 +294,7 @@ class DefaultStager(_StagerBase):
         opts = self.options
         if not opts.use_async_staging and self._device_ops is None:
             for batch in plan.batches(opts.chunk_bytes):
-                copy_batch(plan.requests, batch)
+                copy_batch(plan.requests, batch, plan.whole)
                 plan.batch_done(batch)
             return
         by_device: dict[torch.device, list[int]] = {}
@@ -323,8 +323,9 @@ class DefaultStager(_StagerBase):
         opts = self.options
         batches = plan.batches(opts.chunk_bytes, indices)
         if device.type == "cpu" and self._device_ops is None:
+            copy = functools.partial(copy_batch, whole=plan.whole)
             return functools.partial(
-                run_in_threads, plan.requests, batches, opts.threads, plan.batch_done
+                run_in_threads, plan.requests, batches, opts.threads, plan.batch_done, copy
             )
         ops: DeviceOps = self._device_ops if self._device_ops is not None else TorchDeviceOps()
         stream = self._streams.get(device)

@@ -68,6 +68,7 @@ _PLAIN_TENSORS: frozenset[type] = frozenset({torch.Tensor, torch.nn.Parameter})
 _TYPE_CHECK_CONTAINERS = (dict, list, tuple)
 
 StorageFor = Callable[[torch.Tensor, torch.UntypedStorage, Path], torch.UntypedStorage]
+OnTensor = Callable[[torch.Tensor, torch.Tensor], None]
 
 
 def format_path(path: Path) -> str:
@@ -96,6 +97,8 @@ class Traversal:
     Args:
         storage_for: maps a source tensor (and its untyped storage) to the CPU
             storage its staged copy must live on.
+        on_tensor: called with each plain source tensor and its staged copy
+            (before any conj/neg view or Parameter wrapping is applied).
         type_check: refuse leaves that are not tensors, atomic values, dicts,
             lists or tuples (for :class:`BlockingAsyncStager`'s ``type_check``).
         budget_s: when set, the generator yields after roughly this many
@@ -103,9 +106,15 @@ class Traversal:
     """
 
     def __init__(
-        self, storage_for: StorageFor, *, type_check: bool = False, budget_s: float | None = None
+        self,
+        storage_for: StorageFor,
+        *,
+        on_tensor: OnTensor | None = None,
+        type_check: bool = False,
+        budget_s: float | None = None,
     ) -> None:
         self._storage_for = storage_for
+        self._on_tensor = on_tensor
         self._type_check = type_check
         self._budget_s = budget_s
         self._memo: dict[int, Any] = {}
@@ -339,6 +348,8 @@ class Traversal:
             ) from exc
         dst = self._storage_for(t, src, path)
         y = torch.empty((0,), dtype=t.dtype).set_(dst, t.storage_offset(), t.size(), t.stride())
+        if self._on_tensor is not None:
+            self._on_tensor(t, y)
         if t.is_conj():
             y = y.conj()
         if t.is_neg():
