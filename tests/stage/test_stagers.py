@@ -261,3 +261,33 @@ def test_public_names_are_exported() -> None:
         "CacheInfo",
     ]:
         assert name in aiostage.__all__
+
+
+async def test_default_stager_handles_every_kind_of_tensor() -> None:
+    z = torch.randn(8, dtype=torch.complex64)
+    base = torch.randn(6, 6)
+    sd = {
+        "param": torch.nn.Parameter(torch.randn(5)),
+        "grad": torch.randn(3, requires_grad=True),
+        "t": base.t(),
+        "slice": base[2:],
+        "conj": z.conj(),
+        "z": z,
+        "bool": torch.rand(7) > 0.5,
+        "bf16": torch.randn(9).to(torch.bfloat16),
+        "empty": torch.zeros(0, 3),
+        "scalar": torch.tensor(2.5),
+    }
+    async with DefaultStager(StagingOptions(chunk_bytes=64)) as stager:
+        for _ in range(2):
+            out = await stager.stage(sd)
+            for key, src in sd.items():
+                assert out[key].dtype == src.dtype and out[key].shape == src.shape, key
+                assert torch.equal(out[key].detach().resolve_conj(), src.detach().resolve_conj()), (
+                    key
+                )
+            assert type(out["param"]) is torch.nn.Parameter and out["param"].requires_grad
+            assert out["conj"].is_conj()
+            with torch.no_grad():
+                sd["param"].add_(1)
+                sd["grad"].add_(1)
