@@ -1,0 +1,138 @@
+"""Odd world sizes, dead or silent partners, cancellation: errors, never hangs."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _distributed import run_group
+
+from aiostage import PeerTimeoutError, ReplicationError, ReplicationStager
+
+
+def _state(rank: int) -> dict[str, Any]:
+    return {"w": torch.full((256,), float(rank)), "step": rank}
+
+
+async def _odd_worker(rank: int, world: int) -> None:
+    import torch.distributed as dist
+
+    # Built before the group exists: the check happens at stage().
+    early = ReplicationStager()
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        with pytest.raises(ValueError, match="even world size; got 3"):
+            ReplicationStager()
+        with pytest.raises(ValueError, match="even world size; got 3"):
+            await early.stage(_state(rank))
+        with pytest.raises(ValueError, match="even world size; got 3"):
+            await early.recover()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(60)
+def test_odd_world_size_raises_value_error() -> None:
+    run_group(_odd_worker, 3, init_pg=False, timeout=50)
+
+
+async def _exits_worker(rank: int, world: int) -> float:
+    if rank == 1:
+        return 0.0  # the partner leaves without staging
+    stager = ReplicationStager(timeout=timedelta(seconds=5))
+    start = time.monotonic()
+    with pytest.raises(PeerTimeoutError) as info:
+        await stager.stage(_state(rank))
+    elapsed = time.monotonic() - start
+    assert info.value.peer == 1
+    assert "partner rank 1" in str(info.value)
+    # The channel is out of step now: further exchanges refuse at once.
+    with pytest.raises(ReplicationError, match="earlier exchange failed"):
+        await stager.stage(_state(rank))
+    await stager.close()
+    return elapsed
+
+
+@pytest.mark.timeout(60)
+def test_partner_that_exits_raises_peer_timeout() -> None:
+    elapsed, _ = run_group(_exits_worker, 2, timeout=50)
+    assert elapsed < 5 + 3
+
+
+async def _silent_worker(rank: int, world: int, done: Any) -> tuple[float, float]:
+    if rank == 1:
+        # Alive but never answers, until rank 0 has seen its error.
+        assert done.wait(timeout=40)
+        return 0.0, 0.0
+    try:
+        lag = 0.0
+        stop = asyncio.Event()
+
+        async def ticker() -> None:
+            nonlocal lag
+            loop = asyncio.get_running_loop()
+            while not stop.is_set():
+                before = loop.time()
+                await asyncio.sleep(0.01)
+                lag = max(lag, loop.time() - before - 0.01)
+
+        tick = asyncio.create_task(ticker())
+        stager = ReplicationStager(timeout=timedelta(seconds=2))
+        start = time.monotonic()
+        with pytest.raises(PeerTimeoutError) as info:
+            await stager.stage(_state(rank))
+        elapsed = time.monotonic() - start
+        stop.set()
+        await tick
+        assert info.value.peer == 1
+        assert "within 2 s" in str(info.value)
+        await stager.close()
+        return elapsed, lag
+    finally:
+        done.set()
+
+
+@pytest.mark.timeout(60)
+def test_silent_partner_times_out_and_loop_stays_responsive() -> None:
+    done = mp.get_context("spawn").Event()
+    (elapsed, lag), _ = run_group(_silent_worker, 2, done, timeout=50)
+    assert 1.5 <= elapsed < 2 + 3
+    assert lag < 0.5  # the event loop kept running while the exchange waited
+
+
+async def _cancel_worker(rank: int, world: int, done: Any) -> float:
+    if rank == 1:
+        assert done.wait(timeout=40)
+        return 0.0
+    try:
+        stager = ReplicationStager(timeout=timedelta(seconds=2))
+        task = asyncio.create_task(stager.stage(_state(rank)))
+        start = time.monotonic()
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(task, 0.2)
+        elapsed = time.monotonic() - start
+        assert task.cancelled()
+        with pytest.raises(ReplicationError, match="earlier exchange failed"):
+            await stager.stage(_state(rank))
+        await stager.close()
+        return elapsed
+    finally:
+        done.set()
+
+
+@pytest.mark.timeout(60)
+def test_cancelled_stage_waits_for_the_operation_in_flight_only() -> None:
+    done = mp.get_context("spawn").Event()
+    elapsed, _ = run_group(_cancel_worker, 2, done, timeout=50)
+    # The send in flight is bounded by the 2 s timeout; nothing waits longer.
+    assert elapsed < 2 + 3
