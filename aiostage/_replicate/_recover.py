@@ -5,13 +5,14 @@ from __future__ import annotations
 import os
 import pickle
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import anyio.to_thread
 import torch
 
-from aiostage._exceptions import CorruptCheckpointError, ReplicationError, UnsafeCheckpointError
+from aiostage._exceptions import CorruptCheckpointError, ReplicationError
 
 __all__ = ["find_replica", "load_replica"]
 
@@ -46,45 +47,50 @@ def find_replica(storage_dir: str | os.PathLike[str], rank: int) -> Path:
     return max(found)[1]
 
 
-def _load(path: Path, weights_only: bool) -> Any:
+def _load_trusted(path: Path) -> Any:
     try:
-        return torch.load(path, map_location="cpu", weights_only=weights_only)
-    except pickle.UnpicklingError as exc:
-        if weights_only:
-            raise UnsafeCheckpointError(
-                f"weights_only loading refused the replica ({exc}); "
-                "it holds DTensors, ShardedTensors or custom classes: allow them with "
-                "torch.serialization.add_safe_globals, or pass weights_only=False for a file "
-                "this job wrote",
-                path=path,
-            ) from exc
-        raise CorruptCheckpointError(f"cannot read the replica: {exc}", path=path) from exc
-    except (RuntimeError, OSError, EOFError) as exc:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as exc:
         raise CorruptCheckpointError(f"cannot read the replica: {exc}", path=path) from exc
 
 
 async def load_replica(
-    storage_dir: str | os.PathLike[str], rank: int, *, weights_only: bool = True
+    storage_dir: str | os.PathLike[str],
+    rank: int,
+    *,
+    verify: bool = True,
+    safe_globals: Sequence[Any] | None = None,
+    weights_only: bool = True,
 ) -> Any:
     """Load ``rank``'s state from the replica its partner persisted in ``storage_dir``.
 
     This is the recovery path that needs no live partner: a restarted rank
     (or any process that can read ``storage_dir``) reads the partner's file
     ``rank_{partner}_replica_partner_{rank}.pt`` (see :func:`find_replica`).
-    Tensors come back on CPU, views sharing a storage still share it.
+    Tensors come back on CPU; views sharing a storage still share it.
 
-    ``weights_only`` (default) uses torch's restricted unpickler: plain
-    tensors, containers and atomic values load; DTensors, ShardedTensors and
-    custom classes need ``torch.serialization.add_safe_globals`` or
-    ``weights_only=False`` (only for files this job wrote).
+    By default the file is read with :func:`aiostage.load`: every record's
+    CRC-32 is checked first (``verify``), and the pickle is loaded
+    ``weights_only`` (plain tensors, containers and atomic values; other
+    classes must be listed in ``safe_globals``).  DTensors and
+    ShardedTensors need ``weights_only=False``, which runs a plain
+    ``torch.load`` (no CRC check) and may execute code from the file: use it
+    only for files written by this job.
 
     Raises:
         ReplicationError: no replica of ``rank`` in ``storage_dir``.
         UnsafeCheckpointError: ``weights_only`` refused a global.
-        CorruptCheckpointError: the file is not a readable archive.
+        CorruptCheckpointError: the file is truncated, or a record's bytes
+            do not match their CRC-32.
+        CheckpointLoadError: the file could not be read.
 
-    Cancellation: the read runs in a worker thread and is waited for; its
-    result is dropped and nothing is left behind.
+    Cancellation: the CRC check stops between chunks; the ``torch.load``
+    step runs in a worker thread that is waited for, its result dropped.
+    Nothing is left open.
     """
+    from aiostage._load._reader import load
+
     path = await anyio.to_thread.run_sync(find_replica, storage_dir, rank)
-    return await anyio.to_thread.run_sync(_load, path, weights_only)
+    if not weights_only:
+        return await anyio.to_thread.run_sync(_load_trusted, path)
+    return await load(path, verify=verify, safe_globals=safe_globals)

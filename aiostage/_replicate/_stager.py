@@ -41,7 +41,7 @@ import anyio.to_thread
 import torch
 import torch.distributed as dist
 
-from aiostage._exceptions import ReplicationError
+from aiostage._exceptions import AiostageError, ReplicationError
 from aiostage._replicate import _transport
 from aiostage._replicate._transport import KIND_RECOVER, KIND_STAGE, Channel, Encoded, MeshKey
 from aiostage._stage._engine import StateDictStager
@@ -267,7 +267,7 @@ class ReplicationStager(_StagerBase):
 
     # -- recovery --------------------------------------------------------------
 
-    def _held(self, me_global: int, peer_global: int) -> Any:
+    async def _held(self, me_global: int, peer_global: int) -> Any:
         """What this rank holds of its partner: in memory, else its replica file."""
         if self._replica is not _NOTHING:
             return self._replica
@@ -275,13 +275,15 @@ class ReplicationStager(_StagerBase):
         if directory is None:
             return _NOTHING
         path = directory / replica_filename(me_global, peer_global)
-        if not path.exists():
+        if not await anyio.Path(path).exists():
             return _NOTHING
+        from aiostage._load._reader import load
+
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
+            return await load(path, verify=True)
+        except AiostageError as exc:
             warnings.warn(
-                f"aiostage: cannot load the replica file {path} ({exc!r}); "
+                f"aiostage: not serving the replica file {path} ({exc}); "
                 "telling the partner this rank holds nothing",
                 RuntimeWarning,
                 stacklevel=2,
@@ -294,7 +296,10 @@ class ReplicationStager(_StagerBase):
         Both ranks of a pair call ``recover()`` (other pairs need not).  Each
         sends what it holds of its partner: the replica received by its last
         :meth:`stage`, or, in a restarted process, its replica file in
-        ``storage_dir`` if there is one; each receives its own state back.
+        ``storage_dir`` if there is one (read with :func:`aiostage.load`,
+        CRC-checked and ``weights_only``: a file holding DTensors is not
+        served this way and a warning says so); each receives its own state
+        back.
         Typical use after rank ``r`` restarted with an empty state::
 
             # on r and on its partner
@@ -328,7 +333,7 @@ class ReplicationStager(_StagerBase):
                 raise ValueError("recover() needs an initialized process group")
             rank, peer, me_global, peer_global = self._pair(group)
             self._check_channel(pg)
-            held = await anyio.to_thread.run_sync(self._held, me_global, peer_global)
+            held = await self._held(me_global, peer_global)
             enc = None
             if held is not _NOTHING:
                 enc = await anyio.to_thread.run_sync(_transport.encode, held)

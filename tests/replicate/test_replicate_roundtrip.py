@@ -180,6 +180,12 @@ async def _recover_memory_worker(rank: int, world: int) -> None:
         else:
             got = await stager.recover()  # serves from memory
             assert got is None
+        # One rank stages while the other recovers: both are told, nobody hangs.
+        with pytest.raises(aiostage.ReplicationError, match=r"both ranks of a pair|not staging"):
+            if rank == 0:
+                await stager.stage(make_state(rank))
+            else:
+                await stager.recover()
 
 
 @pytest.mark.timeout(60)
@@ -214,3 +220,22 @@ def test_restricted_unpickler_refuses_unknown_globals() -> None:
     enc = _transport.encode({"fn": print, "x": collections.Counter("ab")})
     with pytest.raises(aiostage.ReplicationError, match=r"builtins\.print"):
         _transport.decode(enc.meta, [])
+
+
+async def test_load_replica_checks_the_file(tmp_path: Path) -> None:
+    state = make_state(1)
+    with pytest.raises(aiostage.ReplicationError, match="no replica of rank 1"):
+        await aiostage.load_replica(tmp_path, 1)
+    path = await aiostage.persist(state, tmp_path / replica_filename(0, 1))
+    loaded = await aiostage.load_replica(tmp_path, 1)
+    assert_same(loaded, state)
+    check_sharing(loaded)
+    # Flip one byte of the largest storage record: the CRC check catches it.
+    data = bytearray(path.read_bytes())
+    marker = state["base"].numpy().tobytes()[:16]
+    at = data.find(marker)
+    assert at > 0
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(aiostage.CorruptCheckpointError):
+        await aiostage.load_replica(tmp_path, 1)
