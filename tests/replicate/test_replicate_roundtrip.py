@@ -239,3 +239,25 @@ async def test_load_replica_checks_the_file(tmp_path: Path) -> None:
     path.write_bytes(bytes(data))
     with pytest.raises(aiostage.CorruptCheckpointError):
         await aiostage.load_replica(tmp_path, 1)
+
+
+def test_encode_decode_keeps_conj_neg_attributes_and_parameters() -> None:
+    c = torch.randn(3, dtype=torch.complex64, generator=torch.Generator().manual_seed(0))
+    tagged = torch.arange(4.0)
+    tagged.note = {"inner": torch.ones(2), "n": 3}  # type: ignore[attr-defined]
+    state = {
+        "conj": c.conj(),
+        "neg": torch.arange(3.0)._neg_view(),
+        "param": torch.nn.Parameter(torch.ones(2)),
+        "frozen": torch.nn.Parameter(torch.ones(2), requires_grad=False),
+        "tagged": tagged,
+    }
+    enc = _transport.encode(state)
+    out = _transport.decode(enc.meta, [s.clone() for s in enc.storages])
+    assert out["conj"].is_conj() and torch.equal(
+        out["conj"].resolve_conj(), c.conj().resolve_conj()
+    )
+    assert out["neg"].is_neg() and torch.equal(out["neg"], state["neg"])
+    assert type(out["param"]) is torch.nn.Parameter and out["param"].requires_grad
+    assert type(out["frozen"]) is torch.nn.Parameter and not out["frozen"].requires_grad
+    assert out["tagged"].note["n"] == 3 and torch.equal(out["tagged"].note["inner"], torch.ones(2))
