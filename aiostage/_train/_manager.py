@@ -421,10 +421,11 @@ class CheckpointManager:
     ) -> Any:
         """Load this rank's state of ``step``, or of the latest complete step.
 
-        A save in flight is waited for first (its error, if any, is left for
-        the next :meth:`save`, :meth:`wait` or :meth:`close`).  With several
-        ranks, every rank must call ``restore``; rank 0 picks the latest
-        step for all of them.  The keyword arguments go to
+        Only committed steps are seen: a save in flight is not waited for
+        (in one process).  With several ranks, every rank must call
+        ``restore``; a save in flight is waited for first (its error, if
+        any, is left for the next :meth:`save`, :meth:`wait` or
+        :meth:`close`) and rank 0 picks the latest step for all of them.  The keyword arguments go to
         :func:`aiostage.load` (``progress`` reports bytes read).
 
         Raises:
@@ -436,8 +437,10 @@ class CheckpointManager:
             The read stops between chunks; nothing is left open and no
             checkpoint is changed.
         """
-        async with self._lock:
-            await self._settle(raise_error=False)
+        async with self._lock if self._group is not None else contextlib.nullcontext():
+            if self._group is not None:
+                # Our collectives must not interleave with the save's.
+                await self._settle(raise_error=False)
             if step is None:
                 chosen: int | None = None
                 if self.rank == 0:

@@ -1,0 +1,344 @@
+"""CheckpointManager: commit order, rotation, interrupted saves, background errors, SIGKILL."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+import torch
+
+import aiostage
+from aiostage import CheckpointManager, CheckpointManagerError, PersistError, SaveHandle
+from aiostage._train import _manifest as mf
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def state(step: int, numel: int = 1000) -> dict[str, Any]:
+    return {"w": torch.full((numel,), float(step)), "extra": {"step": step}}
+
+
+def step_dirs(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith("step_"))
+
+
+class GatedStager:
+    """A stager whose writes stop before the first storage until ``gate`` is set.
+
+    Built on the public pieces (``DefaultStager.stage``, ``aiostage.persist``
+    with ``wait_ready``, ``SaveHandle``), so a test can observe and act while
+    a save is really in the middle of persisting.
+    """
+
+    def __init__(self) -> None:
+        self.inner = aiostage.DefaultStager()
+        self.gate = asyncio.Event()
+        self.blocked = asyncio.Event()
+        self.paths: list[Path] = []
+
+    async def save(self, state_dict: Any, path: Any, *, progress: Any = None) -> SaveHandle:
+        staged = await self.inner.stage(state_dict)
+
+        async def ready(_storage: torch.UntypedStorage) -> None:
+            self.blocked.set()
+            await self.gate.wait()
+
+        self.paths.append(Path(path))
+        task = asyncio.create_task(
+            aiostage.persist(staged, path, wait_ready=ready, progress=progress)
+        )
+        return SaveHandle(task, staged=staged)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+async def test_save_restore_and_rotation(tmp_path: Path) -> None:
+    async with CheckpointManager(tmp_path, keep_last=2) as mgr:
+        assert mgr.steps() == []
+        with pytest.raises(CheckpointManagerError):
+            await mgr.restore()
+        for step in (10, 20, 30, 40):
+            stats = await mgr.save(step, state(step))
+            assert stats.step == step
+        await mgr.wait()
+        assert mgr.steps() == [30, 40]
+        assert step_dirs(tmp_path) == ["step_000000030", "step_000000040"]
+        assert all(s.committed and s.nbytes and s.persist_s is not None for s in mgr.history)
+        latest = await mgr.restore()
+        assert latest["extra"] == {"step": 40}
+        assert torch.equal(latest["w"], torch.full((1000,), 40.0))
+        older = await mgr.restore(30)
+        assert older["extra"] == {"step": 30}
+        with pytest.raises(CheckpointManagerError):
+            await mgr.restore(10)
+    # Each step holds exactly one rank file and the manifest.
+    for name in step_dirs(tmp_path):
+        files = sorted(os.listdir(tmp_path / name))
+        assert len(files) == 2 and files[0] == "manifest.json" and files[1].startswith("rank_")
+    with pytest.raises(CheckpointManagerError):
+        await mgr.save(50, state(50))  # closed
+
+
+async def test_commit_order_visible_only_after_durable(tmp_path: Path) -> None:
+    stager = GatedStager()
+    async with CheckpointManager(tmp_path, keep_last=2, stager=stager) as mgr:
+        stager.gate.set()
+        await mgr.save(1, state(1))
+        await mgr.save(2, state(2))
+        await mgr.wait()
+        assert mgr.steps() == [1, 2]
+
+        stager.gate.clear()
+        stager.blocked.clear()
+        await mgr.save(3, state(3))
+        await stager.blocked.wait()
+        # Step 3 is being written: its temp file exists, it is not listed,
+        # and no old step has been rotated away yet.
+        sdir = tmp_path / "step_000000003"
+        assert any(".aiostage-tmp." in n for n in os.listdir(sdir))
+        assert mgr.steps() == [1, 2]
+        assert (await mgr.restore())["extra"] == {"step": 2}
+        stager.gate.set()
+        await mgr.wait()
+        assert mgr.steps() == [2, 3]
+        assert "manifest.json" in os.listdir(sdir)
+
+
+async def test_save_waits_for_previous_persist(tmp_path: Path) -> None:
+    stager = GatedStager()
+    async with CheckpointManager(tmp_path, stager=stager) as mgr:
+        await mgr.save(1, state(1))
+        await stager.blocked.wait()
+        second = asyncio.create_task(mgr.save(2, state(2)))
+        await asyncio.wait([second], timeout=0.2)
+        assert not second.done()  # at most one persist in flight
+        assert len(stager.paths) == 1
+        stager.gate.set()
+        await second
+        await mgr.wait()
+        assert mgr.steps() == [1, 2]
+
+
+async def test_exception_mid_persist_keeps_previous(tmp_path: Path) -> None:
+    class Boom(Exception):
+        pass
+
+    calls: list[tuple[int, int]] = []
+
+    def explode(done: int, total: int) -> None:
+        calls.append((done, total))
+        if done < total:
+            raise Boom("disk on fire")
+
+    async with CheckpointManager(tmp_path, keep_last=3) as mgr:
+        await mgr.save(1, state(1, numel=100_000))
+        await mgr.wait()
+        await mgr.save(2, state(2, numel=100_000), progress=explode)
+        with pytest.raises(Boom):
+            await mgr.wait()
+        assert calls and calls[0][0] < calls[0][1]
+        await mgr.wait()  # reported once
+        assert mgr.steps() == [1]
+        assert (await mgr.restore())["extra"] == {"step": 1}
+        leftover = tmp_path / "step_000000002"
+        assert leftover.is_dir()  # the interrupted save's directory, ignored
+        assert not any(".aiostage-tmp." in n for n in os.listdir(leftover))
+
+        await mgr.save(3, state(3))
+        await mgr.wait()
+        assert mgr.steps() == [1, 3]
+        assert not leftover.exists()  # removed by the next save
+
+
+@pytest.mark.parametrize("surfaced_by", ["save", "wait", "close"])
+async def test_background_error_surfaces_at_next_call(tmp_path: Path, surfaced_by: str) -> None:
+    mgr = CheckpointManager(tmp_path)
+    await mgr.save(1, state(1))
+    await mgr.wait()
+    # The commit record's path collides with a non-empty directory: the rank
+    # file is written fine, the manifest rename fails in the background.
+    blocker = tmp_path / "step_000000002" / "manifest.json"
+    blocker.mkdir(parents=True)
+    (blocker / "occupied").write_bytes(b"x")
+    stats = await mgr.save(2, state(2))  # returns once staged
+    with pytest.raises(PersistError) as info:
+        if surfaced_by == "save":
+            await mgr.save(3, state(3))
+        elif surfaced_by == "wait":
+            await mgr.wait()
+        else:
+            await mgr.close()
+    assert info.value.errno in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST)
+    assert "step 2" in str(info.value)
+    assert not stats.committed
+    assert mgr.steps() == [1]
+    await mgr.close()  # the error was reported once
+    assert not (tmp_path / "step_000000003").exists()  # the failing save(3) started nothing
+
+
+async def test_step_directory_colliding_with_a_file(tmp_path: Path) -> None:
+    async with CheckpointManager(tmp_path) as mgr:
+        (tmp_path / "step_000000005").write_bytes(b"not a directory")
+        with pytest.raises(PersistError) as info:
+            await mgr.save(5, state(5))
+        assert info.value.errno == errno.EEXIST
+        await mgr.save(6, state(6))
+    assert mgr.steps() == [6]
+
+
+async def test_cancellation_leaving_async_with_cancels_the_save(tmp_path: Path) -> None:
+    stager = GatedStager()
+    mgr = CheckpointManager(tmp_path, stager=stager)
+    stager.gate.set()
+    async with mgr:
+        await mgr.save(1, state(1))
+        await mgr.wait()
+    assert mgr.steps() == [1]
+
+    stager = GatedStager()
+    mgr = CheckpointManager(tmp_path, stager=stager)
+    with anyio.CancelScope() as scope:
+        async with mgr:
+            await mgr.save(2, state(2))
+            await stager.blocked.wait()
+            scope.cancel()
+            await anyio.sleep_forever()
+    assert scope.cancelled_caught
+    sdir = tmp_path / "step_000000002"
+    assert os.listdir(sdir) == []  # temp file removed, no manifest
+    assert mgr.steps() == [1]
+    with pytest.raises(CheckpointManagerError):
+        await mgr.save(3, state(3))  # closed
+
+
+async def test_resaving_a_step_replaces_it(tmp_path: Path) -> None:
+    async with CheckpointManager(tmp_path) as mgr:
+        await mgr.save(7, state(1))
+        await mgr.wait()
+        first = mf.read_manifest(tmp_path / "step_000000007", 7)
+        await mgr.save(7, state(2))
+        await mgr.wait()
+        second = mf.read_manifest(tmp_path / "step_000000007", 7)
+        assert first is not None and second is not None
+        assert first.attempt != second.attempt
+        assert sorted(os.listdir(tmp_path / "step_000000007")) == sorted(
+            [*second.files, "manifest.json"]
+        )
+        assert torch.equal((await mgr.restore())["w"], state(2)["w"])
+
+
+async def test_steps_ignores_incomplete_and_bad_manifests(tmp_path: Path) -> None:
+    async with CheckpointManager(tmp_path, keep_last=10) as mgr:
+        for step in (1, 2, 3, 4):
+            await mgr.save(step, state(step))
+        await mgr.wait()
+    assert mgr.steps() == [1, 2, 3, 4]
+    d2, d3, d4 = (tmp_path / f"step_00000000{i}" for i in (2, 3, 4))
+    (d2 / "manifest.json").write_text((d2 / "manifest.json").read_text()[:20])  # truncated
+    body = json.loads((d3 / "manifest.json").read_text())
+    body["step"] = 99
+    (d3 / "manifest.json").write_text(json.dumps(body))  # names another step
+    rank_file = next(p for p in d4.iterdir() if p.name.startswith("rank_"))
+    rank_file.unlink()  # a listed file is missing
+    (tmp_path / "step_000000009").mkdir()  # no manifest at all
+    (tmp_path / "notes.txt").write_text("not a step")
+    mgr = CheckpointManager(tmp_path, keep_last=10)
+    assert mgr.steps() == [1]
+    assert (await mgr.restore())["extra"] == {"step": 1}
+    await mgr.save(5, state(5))
+    await mgr.close()
+    assert mgr.steps() == [1, 5]
+    assert step_dirs(tmp_path) == ["step_000000001", "step_000000005"]
+    assert (tmp_path / "notes.txt").exists()
+
+
+_CHILD = textwrap.dedent(
+    """
+    import asyncio, os, sys
+    import torch
+    import aiostage
+    from aiostage._train import _manifest
+
+    directory, where = sys.argv[1], sys.argv[2]
+
+    def hang(msg):
+        # Tell the parent where we are, then block the event loop until killed.
+        os.write(1, msg.encode() + b"\\n")
+        os.read(0, 1)
+
+    def progress(done, total):
+        if where == "mid-persist" and done < total:
+            hang("MID")
+
+    if where == "before-manifest":
+        real = _manifest.write_manifest
+        def write_manifest(sdir, manifest):
+            if manifest.step == 2:
+                hang("COMMIT")
+            real(sdir, manifest)
+        _manifest.write_manifest = write_manifest
+
+    async def main():
+        mgr = aiostage.CheckpointManager(directory, keep_last=2)
+        await mgr.save(1, {"w": torch.full((4_000_000,), 1.0), "step": 1})
+        await mgr.wait()
+        await mgr.save(2, {"w": torch.full((4_000_000,), 2.0), "step": 2}, progress=progress)
+        await mgr.wait()
+        os.write(1, b"FINISHED\\n")
+
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["mid-persist", "before-manifest"])
+async def test_sigkilled_saver_leaves_only_complete_steps(tmp_path: Path, where: str) -> None:
+    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONDONTWRITEBYTECODE="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, str(tmp_path), where],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        line = await anyio.to_thread.run_sync(proc.stdout.readline)
+        assert line.strip() in (b"MID", b"COMMIT"), line
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stdin is not None:
+            proc.stdin.close()
+        if proc.stdout is not None:
+            proc.stdout.close()
+    assert proc.returncode == -signal.SIGKILL
+
+    sdir = tmp_path / "step_000000002"
+    leftovers = os.listdir(sdir)
+    assert leftovers  # the killed save left something behind
+    if where == "before-manifest":
+        # The rank file was durable; only the commit record is missing.
+        assert any(n.startswith("rank_") and n.endswith(".pt") for n in leftovers)
+    assert "manifest.json" not in leftovers
+
+    mgr = CheckpointManager(tmp_path, keep_last=2)
+    assert mgr.steps() == [1]
+    restored = await mgr.restore()
+    assert restored["step"] == 1 and torch.equal(restored["w"][:3], torch.ones(3))
+    await mgr.save(3, {"w": torch.zeros(10), "step": 3})
+    await mgr.close()
+    assert mgr.steps() == [1, 3]
+    assert step_dirs(tmp_path) == ["step_000000001", "step_000000003"]
