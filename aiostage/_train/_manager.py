@@ -425,8 +425,9 @@ class CheckpointManager:
         (in one process).  With several ranks, every rank must call
         ``restore``; a save in flight is waited for first (its error, if
         any, is left for the next :meth:`save`, :meth:`wait` or
-        :meth:`close`) and rank 0 picks the latest step for all of them.  The keyword arguments go to
-        :func:`aiostage.load` (``progress`` reports bytes read).
+        :meth:`close`) and rank 0 picks the latest step for all of them.
+        The keyword arguments go to :func:`aiostage.load` (``progress``
+        reports bytes read).
 
         Raises:
             CheckpointManagerError: no complete checkpoint (of that step), or

@@ -302,29 +302,31 @@ _CHILD = textwrap.dedent(
 )
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("where", ["mid-persist", "before-manifest"])
-async def test_sigkilled_saver_leaves_only_complete_steps(tmp_path: Path, where: str) -> None:
+def kill_child_at(directory: Path, where: str) -> int:
+    """Run the saver child until it reports ``where``, SIGKILL it; return its status."""
     env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONDONTWRITEBYTECODE="1")
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _CHILD, str(tmp_path), where],
+    with subprocess.Popen(
+        [sys.executable, "-c", _CHILD, str(directory), where],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         env=env,
-    )
-    try:
-        assert proc.stdout is not None
-        line = await anyio.to_thread.run_sync(proc.stdout.readline)
-        assert line.strip() in (b"MID", b"COMMIT"), line
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-        if proc.stdin is not None:
-            proc.stdin.close()
-        if proc.stdout is not None:
-            proc.stdout.close()
-    assert proc.returncode == -signal.SIGKILL
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            assert line.strip() in (b"MID", b"COMMIT"), line
+            proc.send_signal(signal.SIGKILL)
+        finally:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["mid-persist", "before-manifest"])
+async def test_sigkilled_saver_leaves_only_complete_steps(tmp_path: Path, where: str) -> None:
+    returncode = await anyio.to_thread.run_sync(kill_child_at, tmp_path, where)
+    assert returncode == -signal.SIGKILL
 
     sdir = tmp_path / "step_000000002"
     leftovers = os.listdir(sdir)
