@@ -1,0 +1,100 @@
+"""Two ranks on gloo over loopback: a step commits only once every rank's file is durable."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from _distributed import run_group
+
+
+async def _worker(rank: int, world_size: int, directory: str) -> dict[str, Any]:
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from aiostage import CheckpointManager, get_state, set_state
+
+    torch.manual_seed(rank)  # DDP broadcasts rank 0's weights at construction
+    model = DistributedDataParallel(torch.nn.Linear(8, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    # A group of its own: the manager's collectives run on a worker thread
+    # while DDP's all-reduces run on the training thread.
+    group = dist.new_group(backend="gloo")
+    mgr = CheckpointManager(directory, keep_last=2, process_group=group)
+    out: dict[str, Any] = {"rank": mgr.rank, "world_size": mgr.world_size}
+
+    def extra(step: int) -> dict[str, Any]:
+        return {"step": step, "rank": rank, "mine": torch.full((3,), float(rank))}
+
+    for step in (1, 2, 3):
+        model(torch.randn(4, 8) + rank).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        await mgr.save(step, get_state(model, opt, extra=extra(step)))
+    await mgr.wait()
+    out["steps"] = mgr.steps()
+
+    # Rank 1's write fails: step 4 must not be committed on either rank.
+    def fail_on_rank1(done: int, total: int) -> None:
+        if rank == 1:
+            raise RuntimeError("rank 1: disk on fire")
+
+    await mgr.save(4, get_state(model, opt, extra=extra(4)), progress=fail_on_rank1)
+    try:
+        await mgr.wait()
+        out["error"] = None
+    except Exception as exc:
+        out["error"] = f"{type(exc).__name__}: {exc}"
+    out["steps_after_failure"] = mgr.steps()
+
+    restored = await mgr.restore()
+    plain = torch.nn.Linear(8, 4)  # restores into the unwrapped model
+    plain_opt = torch.optim.SGD(plain.parameters(), lr=0.1, momentum=0.9)
+    got = set_state(plain, plain_opt, restored)
+    out["restored_step"] = got["step"]
+    out["restored_rank"] = got["rank"]
+    out["restored_mine"] = got["mine"].tolist()
+    out["params_equal"] = all(
+        torch.equal(a, b)
+        for a, b in zip(plain.parameters(), model.module.parameters(), strict=True)
+    )
+    out["momentum_equal"] = all(
+        torch.equal(plain_opt.state[a]["momentum_buffer"], opt.state[b]["momentum_buffer"])
+        for a, b in zip(plain.parameters(), model.parameters(), strict=True)
+    )
+    out["leftover_before"] = await anyio.Path(directory, "step_000000004").is_dir()
+    dist.barrier()  # every rank has looked at the leftover before step 5 cleans it
+
+    await mgr.save(5, get_state(model, opt, extra=extra(5)))
+    await mgr.close()
+    out["final_steps"] = mgr.steps()
+    return out
+
+
+@pytest.mark.slow
+def test_two_ranks_commit_together(tmp_path: Path) -> None:
+    results = run_group(_worker, 2, str(tmp_path), timeout=90, pg_timeout_s=60)
+    for rank, res in enumerate(results):
+        assert res["rank"] == rank and res["world_size"] == 2
+        assert res["steps"] == [2, 3]
+        assert res["steps_after_failure"] == [2, 3]
+        assert res["restored_step"] == 3
+        assert res["restored_rank"] == rank  # each rank gets its own state back
+        assert res["restored_mine"] == [float(rank)] * 3
+        assert res["params_equal"] and res["momentum_equal"]
+        assert res["leftover_before"]
+        assert res["final_steps"] == [3, 5]
+    assert results[1]["error"] == "RuntimeError: rank 1: disk on fire"
+    assert results[0]["error"] is not None
+    assert results[0]["error"].startswith("CheckpointManagerError: step 4 was not committed")
+    assert "rank 1" in results[0]["error"]
+    for step in (3, 5):
+        sdir = tmp_path / f"step_{step:09d}"
+        names = sorted(os.listdir(sdir))
+        assert names[0] == "manifest.json"
+        assert [n[:10] for n in names[1:]] == ["rank_00000", "rank_00001"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000000003", "step_000000005"]
