@@ -72,6 +72,69 @@ def replica_filename(rank: int, partner: int) -> str:
     return f"rank_{rank}_replica_partner_{partner}.pt"
 
 
+class _Arrival:
+    """Relays the transport thread's progress to the event loop.
+
+    ``meta`` resolves once the partner's metadata is in (its storages are
+    allocated, their bytes not landed yet); :meth:`wait_ready` (the persist
+    writer's hook) returns once a storage's bytes have landed, and raises
+    once :meth:`fail` says the receive will not finish.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.meta: asyncio.Future[_transport.Received] = loop.create_future()
+        self._landed: dict[int, asyncio.Event] = {}
+        self._failed = False
+        self._lock = threading.Lock()
+        self._pending: list[int] = []
+
+    # -- called in the transport thread ------------------------------------
+
+    def on_meta(self, received: _transport.Received) -> None:
+        self._loop.call_soon_threadsafe(self._meta_in, received)
+
+    def on_landed(self, storage: torch.UntypedStorage) -> None:
+        # One wake-up of the loop per batch of landings, not per storage: a
+        # state of thousands of small tensors would otherwise flood the loop.
+        with self._lock:
+            self._pending.append(storage._cdata)
+            if len(self._pending) > 1:
+                return
+        self._loop.call_soon_threadsafe(self._landed_in)
+
+    # -- on the loop ---------------------------------------------------------
+
+    def _meta_in(self, received: _transport.Received) -> None:
+        for storage in received.storages:
+            event = asyncio.Event()
+            if storage.nbytes() == 0:
+                event.set()
+            self._landed[storage._cdata] = event
+        if not self.meta.done():
+            self.meta.set_result(received)
+
+    def _landed_in(self) -> None:
+        with self._lock:
+            keys, self._pending = self._pending, []
+        for key in keys:
+            event = self._landed.get(key)
+            if event is not None:
+                event.set()
+
+    def fail(self) -> None:
+        self._failed = True
+        for event in self._landed.values():
+            event.set()
+
+    async def wait_ready(self, storage: torch.UntypedStorage) -> None:
+        event = self._landed.get(storage._cdata)
+        if event is not None:
+            await event.wait()
+        if self._failed:
+            raise ReplicationError("receiving the partner's state failed")
+
+
 class ReplicationStager(_StagerBase):
     """Stage a state and keep a replica of it on a partner rank, in memory and on disk.
 
@@ -204,28 +267,64 @@ class ReplicationStager(_StagerBase):
         staged = await anyio.to_thread.run_sync(self._engine.stage, state_dict)
         enc = await anyio.to_thread.run_sync(_transport.encode, staged)
         self._meshes.update(enc.meshes)
-        got = await self._exchange(group, rank, peer, peer_global, KIND_STAGE, enc)
-        if got.kind != KIND_STAGE or got.meta is None:
-            raise ReplicationError(
-                "the partner is not staging (it called recover(), or holds nothing)",
-                peer=peer_global,
-            )
-        replica = await anyio.to_thread.run_sync(
-            functools.partial(
-                _transport.decode,
-                got.meta,
-                got.storages,
-                meshes=dict(self._meshes),
-                default_pg=dist.group.WORLD,
-            )
-        )
-        from aiostage._persist._writer import persist
-
         path = self._ensure_dir() / replica_filename(me_global, peer_global)
-        await persist(replica, path)
+        replica = await self._receive_and_persist(group, rank, peer, peer_global, enc, path)
         self._replica = replica
         if on_plan is not None:
             on_plan(StagePlan(replica, [], []))
+        return replica
+
+    async def _receive_and_persist(
+        self, group: Any, rank: int, peer: int, peer_global: int, enc: Encoded, path: Path
+    ) -> Any:
+        """Exchange, and write the partner's storages to ``path`` as they land."""
+        from aiostage._persist._writer import persist
+
+        arrival = _Arrival(asyncio.get_running_loop())
+        exchange = asyncio.ensure_future(
+            self._exchange(group, rank, peer, peer_global, KIND_STAGE, enc, arrival=arrival)
+        )
+        writer: asyncio.Future[Path] | None = None
+        try:
+            await asyncio.wait([exchange, arrival.meta], return_when=asyncio.FIRST_COMPLETED)
+            # The metadata, or the end of an exchange that carried none.
+            got = arrival.meta.result() if arrival.meta.done() else exchange.result()
+            if got.kind != KIND_STAGE or got.meta is None:
+                await exchange
+                raise ReplicationError(
+                    "the partner is not staging (it called recover(), or holds nothing)",
+                    peer=peer_global,
+                )
+            # The skeleton can be built before any bytes land; the writer then
+            # takes each storage as soon as it has arrived.
+            replica = await anyio.to_thread.run_sync(
+                functools.partial(
+                    _transport.decode,
+                    got.meta,
+                    got.storages,
+                    meshes=dict(self._meshes),
+                    default_pg=dist.group.WORLD,
+                )
+            )
+            writer = asyncio.ensure_future(persist(replica, path, wait_ready=arrival.wait_ready))
+            await exchange
+            await writer
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                if isinstance(exc, asyncio.CancelledError):
+                    exchange.cancel()
+                # Otherwise (a bad message, a decode error) the exchange runs
+                # to its end, so the partner is not left waiting.
+                await asyncio.wait([exchange])
+                arrival.fail()
+                if writer is not None:
+                    if not writer.done():
+                        writer.cancel()
+                    await asyncio.wait([writer])
+            for fut in (exchange, writer):
+                if fut is not None and fut.done() and not fut.cancelled():
+                    fut.exception()  # retrieved: the first error is the one raised
+            raise
         return replica
 
     async def _exchange(
@@ -238,16 +337,19 @@ class ReplicationStager(_StagerBase):
         enc: Encoded | None,
         *,
         mark_broken: bool = True,
+        arrival: _Arrival | None = None,
     ) -> _transport.Received:
         """Send ``enc`` to the partner and receive its message, in a worker thread."""
         channel = Channel(group, peer, peer_global, self.timeout, self.device)
         cancel = threading.Event()
+        on_meta = arrival.on_meta if arrival is not None else None
+        on_landed = arrival.on_landed if arrival is not None else None
 
         def run() -> _transport.Received:
             if rank < peer:
                 channel.send(kind, enc, cancel)
-                return channel.recv(cancel)
-            got = channel.recv(cancel)
+                return channel.recv(cancel, on_meta=on_meta, on_landed=on_landed)
+            got = channel.recv(cancel, on_meta=on_meta, on_landed=on_landed)
             channel.send(kind, enc, cancel)
             return got
 

@@ -610,8 +610,19 @@ class Channel:
         for work in works:
             self._wait(work, "sending a storage")
 
-    def recv(self, cancel: threading.Event | None = None) -> Received:
-        """Receive one message; storages land in fresh CPU storages."""
+    def recv(
+        self,
+        cancel: threading.Event | None = None,
+        *,
+        on_meta: Callable[[Received], None] | None = None,
+        on_landed: Callable[[torch.UntypedStorage], None] | None = None,
+    ) -> Received:
+        """Receive one message; storages land in fresh CPU storages.
+
+        ``on_meta`` is called (in this thread) once the metadata is in and
+        every storage is allocated and its receive posted, before any
+        storage's bytes have landed; ``on_landed`` after each storage has.
+        """
         header = torch.empty((_HEADER_LEN,), dtype=torch.int64, device=self.device)
         self._check(cancel)
         self._wait(self._post("recv", header, "receiving the header"), "receiving the header")
@@ -644,6 +655,7 @@ class Channel:
                 "the partner's header and metadata disagree on the storage count",
                 peer=self.peer_global,
             )
+        received = Received(kind, meta, storages)
         posted: list[tuple[Any, torch.Tensor, torch.UntypedStorage]] = []
         for storage in nonempty:
             self._check(cancel)
@@ -652,11 +664,15 @@ class Channel:
             else:
                 buf = torch.empty((storage.nbytes(),), dtype=torch.uint8, device=self.device)
             posted.append((self._post("recv", buf, "receiving a storage"), buf, storage))
+        if on_meta is not None:
+            on_meta(received)
         for work, buf, storage in posted:
             self._wait(work, "receiving a storage")
             if self.device.type != "cpu":
                 torch.empty((0,), dtype=torch.uint8).set_(storage).copy_(buf)
-        return Received(kind, meta, storages)
+            if on_landed is not None:
+                on_landed(storage)
+        return received
 
 
 def global_rank(pg: Any, group_rank: int) -> int:

@@ -136,3 +136,50 @@ def test_cancelled_stage_waits_for_the_operation_in_flight_only() -> None:
     elapsed, _ = run_group(_cancel_worker, 2, done, timeout=50)
     # The send in flight is bounded by the 2 s timeout; nothing waits longer.
     assert elapsed < 2 + 3
+
+
+def _names(directory: str) -> list[str]:
+    return sorted(p.name for p in Path(directory).iterdir())
+
+
+async def _half_message_worker(rank: int, world: int, storage_dir: str, done: Any) -> None:
+    import torch.distributed as dist
+
+    from aiostage._replicate import _transport
+    from aiostage._replicate._stager import replica_filename
+
+    async with ReplicationStager(timeout=timedelta(seconds=2), storage_dir=storage_dir) as stager:
+        await stager.stage(_state(rank))  # a good round first: rank 1 now has a replica file
+    if rank == 0:
+        # Rank 0 announces a state (header and metadata) and then goes silent.
+        enc = _transport.encode({"a": torch.ones(1000), "b": torch.zeros(10)})
+        channel = _transport.Channel(
+            dist.group.WORLD, 1, 1, timedelta(seconds=20), torch.device("cpu")
+        )
+        header = torch.tensor(
+            [_transport.MAGIC, _transport.VERSION, _transport.KIND_STAGE, 1, len(enc.meta), 2]
+        )
+        channel._wait(channel._post("send", header, "header"), "header")
+        meta = torch.frombuffer(bytearray(enc.meta), dtype=torch.uint8)
+        channel._wait(channel._post("send", meta, "meta"), "meta")
+        assert done.wait(timeout=40)
+        return
+    try:
+        path = Path(storage_dir) / replica_filename(1, 0)
+        before = path.read_bytes()
+        stager = ReplicationStager(timeout=timedelta(seconds=2), storage_dir=storage_dir)
+        with pytest.raises(PeerTimeoutError, match="receiving a storage"):
+            await stager.stage(_state(rank))
+        # The writer had started on the announced state: it was stopped, its
+        # temp file removed, and the previous replica file is intact.
+        assert path.read_bytes() == before
+        assert _names(storage_dir) == sorted([replica_filename(0, 1), replica_filename(1, 0)])
+        await stager.close()
+    finally:
+        done.set()
+
+
+@pytest.mark.timeout(60)
+def test_partner_silent_mid_message_keeps_previous_replica_file(tmp_path: Path) -> None:
+    done = mp.get_context("spawn").Event()
+    run_group(_half_message_worker, 2, str(tmp_path), done, timeout=50)
