@@ -14,7 +14,10 @@ One ``stage()``:
    :mod:`aiostage._replicate._transport` for the wire format);
 3. persists the received replica atomically (temp file, fsync, rename,
    directory fsync) to ``storage_dir/rank_{rank}_replica_partner_{partner}.pt``
-   (global ranks), overwriting the previous one;
+   (global ranks), overwriting the previous one.  The writer starts as soon
+   as the partner's metadata is in and writes each storage as soon as its
+   bytes have landed, so disk and network overlap; if the receive fails the
+   temp file is removed and the previous replica file stays;
 4. keeps the replica in memory (for :meth:`ReplicationStager.recover`) and
    returns it.
 
@@ -168,7 +171,21 @@ class ReplicationStager(_StagerBase):
     The replica returned by :meth:`stage` is a fresh object each time (it is
     not overwritten by later calls).  Tensors' ``requires_grad``,
     ``nn.Parameter`` types, views sharing a storage, DTensor placements and
-    ShardedTensor layouts are preserved.
+    ShardedTensor layouts are preserved.  Non-tensor leaves travel pickled
+    and are unpickled with a restricted unpickler (containers, atomic
+    values, torch dtypes/sizes/devices, and classes registered with
+    ``torch.serialization.add_safe_globals``); anything else is refused
+    with a :class:`ReplicationError` naming it.
+
+    Memory: the CPU staging copy is cached and refreshed in place across
+    calls (about one state's worth), and the last replica (about one
+    partner state's worth) is kept for :meth:`recover`; :meth:`close`
+    drops both.
+
+    ``stage()`` is point-to-point within each pair, not a collective: every
+    rank of the group calls it, in the same order as its partner.  The
+    inherited ``save(state, path)`` and ``persist(staged, path)`` write what
+    ``stage`` returns, that is the partner's replica.
     """
 
     def __init__(

@@ -20,6 +20,8 @@ from aiostage import ReplicationStager
 from aiostage._replicate import _transport
 from aiostage._replicate._stager import partner_of, replica_filename
 
+pytestmark = pytest.mark.timeout(60)
+
 
 def make_state(rank: int) -> dict[str, Any]:
     """A state exercising views, dtypes, identity and non-tensor leaves."""
