@@ -28,6 +28,7 @@ Every blocking send, receive and wait runs in a worker thread
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import shutil
 import tempfile
@@ -281,8 +282,15 @@ class ReplicationStager(_StagerBase):
             return state_dict
         rank, peer, me_global, peer_global = self._pair(group)
         self._check_channel(None)
-        staged = await anyio.to_thread.run_sync(self._engine.stage, state_dict)
-        enc = await anyio.to_thread.run_sync(_transport.encode, staged)
+        try:
+            staged = await anyio.to_thread.run_sync(self._engine.stage, state_dict)
+            enc = await anyio.to_thread.run_sync(_transport.encode, staged)
+        except Exception:
+            # Keep the pair in step: tell the partner, which then fails at
+            # once instead of waiting out its timeout.
+            with contextlib.suppress(ReplicationError):
+                await self._exchange(group, rank, peer, peer_global, KIND_STAGE, None, failed=True)
+            raise
         self._meshes.update(enc.meshes)
         path = self._ensure_dir() / replica_filename(me_global, peer_global)
         replica = await self._receive_and_persist(group, rank, peer, peer_global, enc, path)
@@ -309,7 +317,9 @@ class ReplicationStager(_StagerBase):
             if got.kind != KIND_STAGE or got.meta is None:
                 await exchange
                 raise ReplicationError(
-                    "the partner is not staging (it called recover(), or holds nothing)",
+                    "the partner failed to stage its state (see its own error)"
+                    if got.failed
+                    else "the partner is not staging (it called recover())",
                     peer=peer_global,
                 )
             # The skeleton can be built before any bytes land; the writer then
@@ -355,6 +365,7 @@ class ReplicationStager(_StagerBase):
         *,
         mark_broken: bool = True,
         arrival: _Arrival | None = None,
+        failed: bool = False,
     ) -> _transport.Received:
         """Send ``enc`` to the partner and receive its message, in a worker thread."""
         channel = Channel(group, peer, peer_global, self.timeout, self.device)
@@ -364,10 +375,10 @@ class ReplicationStager(_StagerBase):
 
         def run() -> _transport.Received:
             if rank < peer:
-                channel.send(kind, enc, cancel)
+                channel.send(kind, enc, cancel, failed=failed)
                 return channel.recv(cancel, on_meta=on_meta, on_landed=on_landed)
             got = channel.recv(cancel, on_meta=on_meta, on_landed=on_landed)
-            channel.send(kind, enc, cancel)
+            channel.send(kind, enc, cancel, failed=failed)
             return got
 
         task = asyncio.ensure_future(anyio.to_thread.run_sync(run))
@@ -452,11 +463,25 @@ class ReplicationStager(_StagerBase):
                 raise ValueError("recover() needs an initialized process group")
             rank, peer, me_global, peer_global = self._pair(group)
             self._check_channel(pg)
-            held = await self._held(me_global, peer_global)
             enc = None
-            if held is not _NOTHING:
-                enc = await anyio.to_thread.run_sync(_transport.encode, held)
-                self._meshes.update(enc.meshes)
+            try:
+                held = await self._held(me_global, peer_global)
+                if held is not _NOTHING:
+                    enc = await anyio.to_thread.run_sync(_transport.encode, held)
+                    self._meshes.update(enc.meshes)
+            except Exception:
+                with contextlib.suppress(ReplicationError):
+                    await self._exchange(
+                        group,
+                        rank,
+                        peer,
+                        peer_global,
+                        KIND_RECOVER,
+                        None,
+                        failed=True,
+                        mark_broken=pg is None,
+                    )
+                raise
             got = await self._exchange(
                 group, rank, peer, peer_global, KIND_RECOVER, enc, mark_broken=pg is None
             )
@@ -464,6 +489,11 @@ class ReplicationStager(_StagerBase):
                 raise ReplicationError(
                     "the partner is staging, not recovering: both ranks of a pair must call "
                     "recover()",
+                    peer=peer_global,
+                )
+            if got.failed:
+                raise ReplicationError(
+                    "the partner failed to send what it holds (see its own error)",
                     peer=peer_global,
                 )
             if got.meta is None:

@@ -3,8 +3,11 @@
 A message from one rank to its partner is, in order, on one tag:
 
 1. **header**: an ``int64`` tensor of 6 elements
-   ``[MAGIC, VERSION, kind, has_payload, meta_nbytes, n_storages]``;
-   ``kind`` is :data:`KIND_STAGE` or :data:`KIND_RECOVER`.
+   ``[MAGIC, VERSION, kind, payload, meta_nbytes, n_storages]``;
+   ``kind`` is :data:`KIND_STAGE` or :data:`KIND_RECOVER`; ``payload`` is
+   1 when metadata and storages follow, 0 for "nothing to send" and 2 for
+   "the sender failed before it could send" (so the partner fails at once
+   instead of timing out).  Nothing follows a header whose payload is not 1.
 2. **metadata** (only if ``meta_nbytes > 0``): a ``uint8`` tensor holding
    ``u64 n`` then ``n`` little-endian ``u64`` storage sizes, followed by a
    pickle (protocol 4) of the state in which every tensor is replaced by a
@@ -71,6 +74,9 @@ MAGIC = 0x61696F7374616765 & 0x7FFFFFFFFFFFFFFF  # "aiostage"
 VERSION = 1
 KIND_STAGE = 1
 KIND_RECOVER = 2
+PAYLOAD_NONE = 0
+PAYLOAD_STATE = 1
+PAYLOAD_FAILED = 2
 TAG = 0x5A17
 """The point-to-point tag every replication message uses."""
 
@@ -525,6 +531,7 @@ class Received:
     kind: int
     meta: bytes | None
     storages: list[torch.UntypedStorage]
+    failed: bool = False
 
 
 class Channel:
@@ -588,12 +595,23 @@ class Channel:
 
     # -- messages ---------------------------------------------------------------
 
-    def send(self, kind: int, enc: Encoded | None, cancel: threading.Event | None = None) -> None:
-        """Send one message (``enc=None``: a header saying "nothing")."""
+    def send(
+        self,
+        kind: int,
+        enc: Encoded | None,
+        cancel: threading.Event | None = None,
+        *,
+        failed: bool = False,
+    ) -> None:
+        """Send one message (``enc=None``: a header saying "nothing", or with
+        ``failed`` "the sender failed")."""
         meta = enc.meta if enc is not None else b""
         storages = [s for s in enc.storages if s.nbytes() > 0] if enc is not None else []
+        payload = PAYLOAD_FAILED if failed else PAYLOAD_NONE
+        if enc is not None:
+            payload = PAYLOAD_STATE
         header = torch.tensor(
-            [MAGIC, VERSION, kind, int(enc is not None), len(meta), len(storages)],
+            [MAGIC, VERSION, kind, payload, len(meta), len(storages)],
             dtype=torch.int64,
         )
         self._check(cancel)
@@ -626,15 +644,15 @@ class Channel:
         header = torch.empty((_HEADER_LEN,), dtype=torch.int64, device=self.device)
         self._check(cancel)
         self._wait(self._post("recv", header, "receiving the header"), "receiving the header")
-        magic, version, kind, has_payload, meta_len, n_storages = header.cpu().tolist()
+        magic, version, kind, payload, meta_len, n_storages = header.cpu().tolist()
         if magic != MAGIC or version != VERSION:
             raise ReplicationError(
                 "the partner sent an unexpected header (not an aiostage replication message, "
                 "or another aiostage version)",
                 peer=self.peer_global,
             )
-        if not has_payload:
-            return Received(kind, None, [])
+        if payload != PAYLOAD_STATE:
+            return Received(kind, None, [], failed=payload == PAYLOAD_FAILED)
         if meta_len <= 0:
             raise ReplicationError(
                 "the partner sent an empty metadata record", peer=self.peer_global

@@ -183,3 +183,28 @@ async def _half_message_worker(rank: int, world: int, storage_dir: str, done: An
 def test_partner_silent_mid_message_keeps_previous_replica_file(tmp_path: Path) -> None:
     done = mp.get_context("spawn").Event()
     run_group(_half_message_worker, 2, str(tmp_path), done, timeout=50)
+
+
+async def _bad_state_worker(rank: int, world: int) -> float:
+    from aiostage import StagingError
+
+    async with ReplicationStager(timeout=timedelta(seconds=20)) as stager:
+        start = time.monotonic()
+        if rank == 1:
+            with pytest.raises(StagingError):
+                await stager.stage({"sparse": torch.eye(3).to_sparse()})
+        else:
+            with pytest.raises(ReplicationError, match="failed to stage") as info:
+                await stager.stage(_state(rank))
+            assert info.value.peer == 1
+        elapsed = time.monotonic() - start
+        # The pair stayed in step: the next round works.
+        replica = await stager.stage(_state(rank))
+        assert torch.equal(replica["w"], _state(1 - rank)["w"])
+    return elapsed
+
+
+@pytest.mark.timeout(60)
+def test_partner_that_cannot_stage_fails_fast_and_stays_in_step() -> None:
+    elapsed, _ = run_group(_bad_state_worker, 2, timeout=50)
+    assert elapsed < 10  # told by the partner, not by the 20 s timeout
