@@ -1,0 +1,269 @@
+"""Profiles behind the benchmark's failed targets (not part of the test suite).
+
+Usage::
+
+    python benchmarks/profile_aiostage.py --size-gib 1 --dir /tmp/aiostage-bench [--only NAME]
+
+Sections (``--only`` picks one):
+
+- ``loop``:    cProfile of the event-loop thread during ``stage()`` of the
+               20k-tensor state (1st and repeated call), plus the longest
+               loop stalls, to see what holds the loop.
+- ``copy``:    cost of the CPU copier per segment (``copy_batch``) on the 20k
+               state, against a plain loop of ``copy_`` calls.
+- ``persist``: the writer's two halves, ``pwrite`` and ``zlib.crc32``, timed
+               separately over the same bytes, and persist() itself.
+- ``load``:    torch.load (what aiostage.load runs) against reading the same
+               bytes into fresh and into touched buffers.
+- ``rss``:     tracemalloc diff of Python allocations between save 5 and the
+               last of N saves (what grows, if anything).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import gc
+import io
+import os
+import pstats
+import sys
+import time
+import tracemalloc
+import zlib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _measure import LagTicker, lag_stats
+from run import (
+    GIB,
+    IO_CHUNK,
+    MIB,
+    drop_cache,
+    make_state_a,
+    make_state_b,
+    raw_read,
+    remove,
+    state_bytes,
+)
+
+import aiostage
+from aiostage._stage._cpu_copy import copy_batch
+from aiostage._stage._engine import StateDictStager
+
+
+def top(prof: cProfile.Profile, n: int = 18, key: str = "tottime") -> str:
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).strip_dirs().sort_stats(key).print_stats(n)
+    lines = out.getvalue().splitlines()
+    start = next(i for i, ln in enumerate(lines) if "ncalls" in ln)
+    return "\n".join(lines[start : start + n + 1])
+
+
+async def section_loop(args: argparse.Namespace) -> None:
+    state = make_state_b(args.size_gib, torch.device("cpu"))
+    stager = aiostage.DefaultStager()
+    for label in ("1st call", "repeated"):
+        prof = cProfile.Profile()
+        async with LagTicker() as ticker:
+            prof.enable()
+            t0 = time.perf_counter()
+            await stager.stage(state)
+            dt = time.perf_counter() - t0
+            prof.disable()
+        print(f"\n== loop thread during B stage() {label}: {dt:.3f}s, {lag_stats(ticker.lags)}")
+        print("   10 longest stalls (ms):", [round(x * 1e3, 1) for x in sorted(ticker.lags)[-10:]])
+        print(top(prof))
+    await stager.close()
+
+
+def section_copy(args: argparse.Namespace) -> None:
+    state = make_state_b(args.size_gib, torch.device("cpu"))
+    eng = StateDictStager()
+    gen = eng.plan(state)
+    try:
+        while True:
+            next(gen)
+    except StopIteration as stop:
+        plan = stop.value
+    batches = list(plan.batches(16 * MIB))
+    t0 = time.perf_counter()
+    for b in batches:
+        copy_batch(plan.requests, b)
+    cold = time.perf_counter() - t0
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    for b in batches:
+        copy_batch(plan.requests, b)
+    prof.disable()
+    warm = time.perf_counter() - t0
+    segs = sum(len(b.segments) for b in batches)
+    small = [r for r in plan.requests if r.nbytes <= 4096]
+    pairs = [(r.dst, r.src) for r in small]
+    t0 = time.perf_counter()
+    for dst, src in pairs:
+        dst.copy_(src)
+    storage_copy = time.perf_counter() - t0
+    dsts = [torch.empty(1024) for _ in small]
+    srcs = list(state.values())[: len(small)]
+    t0 = time.perf_counter()
+    for d, s in zip(dsts, srcs, strict=True):
+        d.copy_(s)
+    tensor_copy = time.perf_counter() - t0
+    print(
+        f"\n== copier on B: {len(batches)} batches, {segs} segments; copy_batch total "
+        f"{cold:.3f}s (1st) {warm:.3f}s (repeated) = {warm / segs * 1e6:.1f} us/segment"
+    )
+    print(
+        f"   {len(small)} small storages: UntypedStorage.copy_ "
+        f"{storage_copy / len(small) * 1e6:.1f} us each (holds the GIL); "
+        f"Tensor.copy_ {tensor_copy / len(small) * 1e6:.1f} us each"
+    )
+    print(top(prof, 12))
+
+
+async def section_persist(args: argparse.Namespace) -> None:
+    state = make_state_a(int(args.size_gib * GIB), torch.device("cpu"))
+    nbytes = state_bytes(state)
+    stager = aiostage.DefaultStager()
+    staged = await stager.stage(state)
+    path = Path(args.dir) / "prof-persist.pt"
+    raw = Path(args.dir) / "prof-raw.bin"
+    views = [memoryview(t.numpy()).cast("B") for t in staged.values()]
+    for _ in range(2):
+        # raw pwrite of the staged tensors, chunked like the writer, no CRC
+        remove(raw)
+        t0 = time.perf_counter()
+        fd = os.open(raw, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        off = 0
+        for v in views:
+            for i in range(0, len(v), 32 * MIB):
+                off += os.pwrite(fd, v[i : i + 32 * MIB], off)
+        os.fsync(fd)
+        os.close(fd)
+        t_write = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        crc = 0
+        for v in views:
+            crc = zlib.crc32(v, crc)
+        t_crc = time.perf_counter() - t0
+        remove(path)
+        t0 = time.perf_counter()
+        await aiostage.persist(staged, path)
+        t_persist = time.perf_counter() - t0
+        print(
+            f"\n== persist {nbytes / MIB:.0f} MiB: pwrite+fsync {t_write:.3f}s, crc32 {t_crc:.3f}s "
+            f"(sum {t_write + t_crc:.3f}s), persist() {t_persist:.3f}s "
+            f"= {t_persist / t_write:.2f}x pwrite, "
+            f"{t_persist / (t_write + t_crc):.2f}x (pwrite+crc)"
+        )
+    remove(path)
+    remove(raw)
+    await stager.close()
+
+
+def fsize(path: Path) -> int:
+    return os.stat(path).st_size
+
+
+async def section_load(args: argparse.Namespace) -> None:
+    state = make_state_a(int(args.size_gib * GIB), torch.device("cpu"))
+    nbytes = state_bytes(state)
+    path = Path(args.dir) / "prof-load.pt"
+    await aiostage.persist(state, path)
+    del state
+    gc.collect()
+    size = fsize(path)
+    touched = torch.ones(size, dtype=torch.uint8)
+    for cache in ("cold", "warm"):
+        res: dict[str, float] = {}
+        for name in ("torch.load", "read->fresh", "read->touched", "mmap+copy"):
+            if cache == "cold":
+                drop_cache(path)
+            else:
+                raw_read(torch.empty(size, dtype=torch.uint8), path)
+            t0 = time.perf_counter()
+            if name == "torch.load":
+                prof = cProfile.Profile()
+                prof.enable()
+                out: Any = torch.load(path, weights_only=True)
+                prof.disable()
+            elif name == "read->fresh":
+                out = torch.empty(size, dtype=torch.uint8)
+                raw_read(out, path)
+            elif name == "read->touched":
+                raw_read(touched, path)
+                out = None
+            else:
+                m = torch.load(path, weights_only=True, mmap=True)
+                out = {k: v.clone() for k, v in m.items()}
+            res[name] = time.perf_counter() - t0
+            del out
+            gc.collect()
+        print(
+            f"\n== load {nbytes / MIB:.0f} MiB ({cache}): "
+            + ", ".join(f"{k} {v:.3f}s ({nbytes / v / 1e9:.2f} GB/s)" for k, v in res.items())
+        )
+    print(top(prof, 10))
+    remove(path)
+    _ = IO_CHUNK
+
+
+async def section_rss(args: argparse.Namespace) -> None:
+    total = max(8 * MIB, int(args.size_gib * GIB / 8))
+    state = make_state_a(total, torch.device("cpu"))
+    keys = list(state)
+    path = Path(args.dir) / "prof-rss.pt"
+    stager = aiostage.DefaultStager()
+    tracemalloc.start(12)
+    snap = None
+    for step in range(args.saves):
+        if step and step % 5 == 0:
+            for k in keys[(step // 5) * 20 % len(keys) :][:20]:
+                state[k] = torch.full_like(state[k], float(step))
+        await (await stager.save(state, path)).wait()
+        if step == 4:
+            gc.collect()
+            snap = tracemalloc.take_snapshot()
+    gc.collect()
+    end = tracemalloc.take_snapshot()
+    assert snap is not None
+    stats = end.compare_to(snap, "traceback")
+    grow = sum(s.size_diff for s in stats)
+    print(f"\n== Python heap growth from save 5 to {args.saves}: {grow / 1024:.1f} KiB; top:")
+    for s in stats[:6]:
+        print(f"   {s.size_diff / 1024:+.1f} KiB in {s.count_diff:+d} blocks")
+        for line in s.traceback.format()[-8:]:
+            print("      " + line)
+    await stager.close()
+    remove(path)
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size-gib", type=float, default=1.0)
+    ap.add_argument("--dir", default="/tmp/aiostage-bench")
+    ap.add_argument("--saves", type=int, default=40)
+    ap.add_argument("--only", choices=["loop", "copy", "persist", "load", "rss"])
+    args = ap.parse_args()
+    os.makedirs(args.dir, exist_ok=True)
+    if args.only in (None, "loop"):
+        await section_loop(args)
+    if args.only in (None, "copy"):
+        section_copy(args)
+    if args.only in (None, "persist"):
+        await section_persist(args)
+    if args.only in (None, "load"):
+        await section_load(args)
+    if args.only in (None, "rss"):
+        await section_rss(args)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
