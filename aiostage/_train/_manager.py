@@ -142,6 +142,13 @@ class CheckpointManager:
     persisting waits for it.  An error of a background save is raised by the
     next :meth:`save`, :meth:`wait` or :meth:`close` (once).  aiostage logs
     through the ``aiostage.train`` logger and never prints.
+
+    The first ``save`` takes the directory's writer lock (an exclusive
+    ``flock`` on ``.aiostage.lock``, on rank 0) until :meth:`close`: a second
+    manager -- say a previous run that is still alive -- cannot commit into
+    or clean the same directory meanwhile; its ``save`` raises
+    :class:`CheckpointManagerError`.  :meth:`steps` and :meth:`restore` need
+    no lock.
     """
 
     def __init__(
@@ -173,6 +180,7 @@ class CheckpointManager:
         self._lock = asyncio.Lock()
         self._inflight: asyncio.Task[None] | None = None
         self._closed = False
+        self._dir_lock: int | None = None
         self.history: list[SaveStats] = []
         """Stats of every save issued, oldest first."""
 
@@ -236,6 +244,8 @@ class CheckpointManager:
         async with self._lock:
             self._check_open()
             await self._settle(raise_error=True)
+            if self.rank == 0 and self._dir_lock is None:
+                self._dir_lock = await anyio.to_thread.run_sync(_lock_directory, self.directory)
             stats.waited_s = time.perf_counter() - start
             begin = time.perf_counter()
             attempt = secrets.token_hex(8)
@@ -421,11 +431,11 @@ class CheckpointManager:
     ) -> Any:
         """Load this rank's state of ``step``, or of the latest complete step.
 
-        Only committed steps are seen: a save in flight is not waited for
-        (in one process).  With several ranks, every rank must call
-        ``restore``; a save in flight is waited for first (its error, if
-        any, is left for the next :meth:`save`, :meth:`wait` or
-        :meth:`close`) and rank 0 picks the latest step for all of them.
+        A save of this manager still in flight is waited for first (its
+        error, if any, is left for the next :meth:`save`, :meth:`wait` or
+        :meth:`close`), so the latest step includes every save issued so
+        far that succeeded.  With several ranks, every rank must call
+        ``restore``; rank 0 picks the latest step for all of them.
         The keyword arguments go to :func:`aiostage.load` (``progress``
         reports bytes read).
 
@@ -438,10 +448,8 @@ class CheckpointManager:
             The read stops between chunks; nothing is left open and no
             checkpoint is changed.
         """
-        async with self._lock if self._group is not None else contextlib.nullcontext():
-            if self._group is not None:
-                # Our collectives must not interleave with the save's.
-                await self._settle(raise_error=False)
+        async with self._lock:
+            await self._settle(raise_error=False)
             if step is None:
                 chosen: int | None = None
                 if self.rank == 0:
@@ -499,6 +507,9 @@ class CheckpointManager:
                     raise
         finally:
             self._closed = True
+            lock, self._dir_lock = self._dir_lock, None
+            if lock is not None:
+                os.close(lock)  # releases the flock
             if self._own_stager:
                 with anyio.CancelScope(shield=True):
                     await self._stager.close()
@@ -514,6 +525,10 @@ class CheckpointManager:
             logger.warning("checkpoint save failed while being cancelled: %s", task.exception())
 
     async def __aenter__(self) -> CheckpointManager:
+        """Return the manager.
+
+        Cancellation: nothing to cancel; nothing is started.
+        """
         self._check_open()
         return self
 
@@ -556,3 +571,36 @@ def _make_step_dir(sdir: Path) -> None:
             path=sdir,
             errno=exc.errno,
         ) from exc
+
+
+LOCK_NAME = ".aiostage.lock"
+
+
+def _lock_directory(directory: Path) -> int:
+    """Take the writer lock of ``directory`` (an exclusive ``flock``); return its fd.
+
+    Only one manager at a time may write (save, rotate, clean) a checkpoint
+    directory: a stale one -- a previous run that has not died yet -- would
+    otherwise commit its saves and delete the new run's files in progress
+    as leftovers.  The kernel drops the lock when its holder dies, so a
+    crashed run never blocks the next one.
+    """
+    import fcntl
+
+    path = directory / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise CheckpointManagerError(
+            f"{directory} is being written by another CheckpointManager (pid {holder});"
+            " close it (or let that process exit) first"
+        ) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd

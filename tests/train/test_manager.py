@@ -108,8 +108,12 @@ async def test_commit_order_visible_only_after_durable(tmp_path: Path) -> None:
         sdir = tmp_path / "step_000000003"
         assert any(".aiostage-tmp." in n for n in os.listdir(sdir))
         assert mgr.steps() == [1, 2]
-        assert (await mgr.restore())["extra"] == {"step": 2}
+        other = CheckpointManager(tmp_path)  # a reader elsewhere sees step 2 as latest
+        assert (await other.restore())["extra"] == {"step": 2}
+        await other.close()
+        restoring = asyncio.create_task(mgr.restore())  # ours waits for the save
         stager.gate.set()
+        assert (await restoring)["extra"] == {"step": 3}
         await mgr.wait()
         assert mgr.steps() == [2, 3]
         assert "manifest.json" in os.listdir(sdir)
@@ -261,6 +265,64 @@ async def test_steps_ignores_incomplete_and_bad_manifests(tmp_path: Path) -> Non
     assert mgr.steps() == [1, 5]
     assert step_dirs(tmp_path) == ["step_000000001", "step_000000005"]
     assert (tmp_path / "notes.txt").exists()
+
+
+async def test_one_writer_per_directory(tmp_path: Path) -> None:
+    first = CheckpointManager(tmp_path)
+    await first.save(1, state(1))
+    reader = CheckpointManager(tmp_path)
+    assert reader.steps() == []  # first's save may still be persisting
+    await first.wait()
+    assert reader.steps() == [1]
+    assert (await reader.restore())["extra"] == {"step": 1}  # reading needs no lock
+    with pytest.raises(CheckpointManagerError, match="another CheckpointManager"):
+        await reader.save(2, state(2))
+    await first.close()
+    await reader.save(2, state(2))
+    await reader.close()
+    assert reader.steps() == [1, 2]
+
+
+_FSIZE_CHILD = textwrap.dedent(
+    """
+    import asyncio, json, resource, signal, sys
+    import torch
+    import aiostage
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of death
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    async def main():
+        out = {}
+        mgr = aiostage.CheckpointManager(sys.argv[1])
+        await mgr.save(1, {"w": torch.zeros(1000)})
+        await mgr.wait()
+        await mgr.save(2, {"w": torch.zeros(1 << 20)})  # 4 MiB: over the limit
+        out["returned"] = True
+        try:
+            await mgr.save(3, {"w": torch.zeros(10)})
+        except aiostage.PersistError as exc:
+            out["errno"] = exc.errno
+        out["steps"] = mgr.steps()
+        await mgr.close()
+        print(json.dumps(out))
+
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.mark.slow
+async def test_background_write_failure_efbig(tmp_path: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONDONTWRITEBYTECODE="1")
+    proc = await anyio.run_process(
+        [sys.executable, "-c", _FSIZE_CHILD, str(tmp_path)], env=env, check=False
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    out = json.loads(proc.stdout.decode().strip().splitlines()[-1])
+    assert out == {"returned": True, "errno": errno.EFBIG, "steps": [1]}
+    assert not (tmp_path / "step_000000003").exists()  # the failing save started nothing
+    assert not any(".aiostage-tmp." in n for n in os.listdir(tmp_path / "step_000000002"))
 
 
 _CHILD = textwrap.dedent(

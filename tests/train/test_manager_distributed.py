@@ -97,4 +97,4 @@ def test_two_ranks_commit_together(tmp_path: Path) -> None:
         names = sorted(os.listdir(sdir))
         assert names[0] == "manifest.json"
         assert [n[:10] for n in names[1:]] == ["rank_00000", "rank_00001"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000000003", "step_000000005"]
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_000000003", "step_000000005"]
