@@ -4,8 +4,8 @@ Loading always goes through ``torch.load(weights_only=True)``: the pickle can
 only rebuild tensors, containers and primitive types, plus classes the caller
 allow-lists with ``safe_globals``; it can never run arbitrary code.
 
-The work is a few worker-thread steps awaited with
-:func:`anyio.to_thread.run_sync`: open and check the archive's directory,
+The work is a few worker-thread steps (``anyio`` worker threads, never
+abandoned even on a plain ``Task.cancel()``): open and check the archive's directory,
 optionally verify every record's CRC-32 in chunks, then ``torch.load``.
 """
 
@@ -21,7 +21,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-import anyio
 import torch
 
 from aiostage._exceptions import (
@@ -29,6 +28,7 @@ from aiostage._exceptions import (
     CorruptCheckpointError,
     UnsafeCheckpointError,
 )
+from aiostage._persist._threads import run_sync
 
 __all__ = ["VERIFY_CHUNK_BYTES", "load", "verify_records"]
 
@@ -154,7 +154,7 @@ async def verify_records(path: str | os.PathLike[str], *, progress: Progress | N
         thread, then the cancellation is re-raised; nothing is left open.
     """
     fspath = os.fspath(path)
-    entries = await anyio.to_thread.run_sync(_open_archive, fspath)
+    entries = await run_sync(_open_archive, fspath)
     await _verify_entries(fspath, entries, progress)
 
 
@@ -168,15 +168,13 @@ async def _verify_entries(path: str, entries: Sequence[_Entry], progress: Progre
                 start = 0
                 while start < entry.size:
                     length = min(VERIFY_CHUNK_BYTES, entry.size - start)
-                    crc = await anyio.to_thread.run_sync(
-                        _crc_range, path, entry, start, length, crc
-                    )
+                    crc = await run_sync(_crc_range, path, entry, start, length, crc)
                     start += length
                     done += length
                     if progress is not None:
                         progress(done, total)
             else:
-                crc = await anyio.to_thread.run_sync(_crc_compressed, path, entry)
+                crc = await run_sync(_crc_compressed, path, entry)
                 done += entry.size
                 if progress is not None:
                     progress(done, total)
@@ -293,13 +291,13 @@ async def load(
         load release the file when collected).
     """
     fspath = os.fspath(path)
-    entries = await anyio.to_thread.run_sync(_open_archive, fspath)
+    entries = await run_sync(_open_archive, fspath)
     total = sum(e.size for e in entries)
     if verify:
         await _verify_entries(fspath, entries, progress)
     allowed = list(safe_globals or ())
     try:
-        result = await anyio.to_thread.run_sync(_torch_load, fspath, map_location, mmap, allowed)
+        result = await run_sync(_torch_load, fspath, map_location, mmap, allowed)
     except Exception as exc:
         raise _translate(fspath, exc) from exc
     if progress is not None:

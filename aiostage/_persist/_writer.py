@@ -1,7 +1,8 @@
 """``persist``: write a state durably as a ``torch.save`` archive, off the loop.
 
-The write is a short series of worker-thread steps, each awaited with
-:func:`anyio.to_thread.run_sync` (which never abandons its thread):
+The write is a short series of worker-thread steps (``anyio`` worker
+threads, awaited through :func:`aiostage._persist._threads.run_sync`, which
+never abandons a thread, even on a plain ``Task.cancel()``):
 
 1. pickle the state (metadata only) and plan every record's offset;
 2. create the temp file next to the target, removing stale temps first;
@@ -28,11 +29,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import anyio
 import torch
 
 from aiostage._exceptions import PersistError
 from aiostage._persist import _archive, _atomic
+from aiostage._persist._threads import run_sync
 
 __all__ = ["DEFAULT_CHUNK_BYTES", "WaitReady", "Progress", "persist"]
 
@@ -159,10 +160,34 @@ def _check_parent(target: Path) -> None:
         raise IsADirectoryError(_errno.EISDIR, "target is a directory", str(target))
 
 
-def _open_temp(target: Path) -> tuple[Path, int]:
-    _check_parent(target)
-    _atomic.remove_stale_temps(target)
-    return _atomic.create_temp(target)
+@dataclass(eq=False)
+class _Temp:
+    """The temp file of one write, as far as it exists (updated by worker threads)."""
+
+    path: Path | None = None
+    fd: int | None = None
+
+    def open(self, target: Path) -> int:
+        _check_parent(target)
+        _atomic.remove_stale_temps(target)
+        self.path, self.fd = _atomic.create_temp(target)
+        return self.fd
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def commit(self, target: Path) -> None:
+        """Rename over ``target``; from then on there is no temp file to remove."""
+        assert self.path is not None and self.fd is None
+        os.replace(self.path, target)
+        _atomic.forget_temp(self.path)
+        self.path = None
+
+    def discard(self) -> None:
+        _atomic.discard(self.fd, self.path)
+        self.fd = self.path = None
 
 
 async def persist(
@@ -211,26 +236,22 @@ async def persist(
 
     Cancellation:
         No further I/O is issued; the chunk being written by a worker thread
-        is waited for, the temp file is removed (shielded from the
-        cancellation) and the previous checkpoint is left in place.  The
+        is waited for, the temp file is removed (finished even if cancelled
+        again) and the previous checkpoint is left in place.  The
         cancellation is then re-raised as is.  A cancellation that arrives
         while the finished file is being renamed into place lets the rename
         complete, so ``path`` may hold the new checkpoint.
     """
     target = Path(os.fspath(path))
     step = "pickling the state"
-    fd: int | None = None
-    tmp: Path | None = None
+    temp = _Temp()
     try:
-        plan = await anyio.to_thread.run_sync(_prepare, obj, _force_zip64)
+        plan = await run_sync(_prepare, obj, _force_zip64)
         total = plan.payload_bytes
         step = "creating the temp file"
-        with anyio.CancelScope(shield=True):
-            opened_tmp, opened_fd = await anyio.to_thread.run_sync(_open_temp, target)
-            tmp, fd = opened_tmp, opened_fd
-        await anyio.lowlevel.checkpoint()
+        fd = await run_sync(temp.open, target)
         step = "writing the checkpoint"
-        await anyio.to_thread.run_sync(_atomic.write_all, opened_fd, plan.head, 0)
+        await run_sync(_atomic.write_all, fd, plan.head, 0)
         done = len(plan.head_records[0].data)
         if progress is not None:
             progress(done, total)
@@ -239,28 +260,23 @@ async def persist(
                 for piece in batch:
                     if piece.start == 0:
                         await wait_ready(piece.rec.storage)
-            await anyio.to_thread.run_sync(_write_batch, opened_fd, batch)
+            await run_sync(_write_batch, fd, batch)
             done += sum(p.end - p.start for p in batch)
             if progress is not None:
                 progress(done, total)
-        tail = plan.tail_bytes()
-        await anyio.to_thread.run_sync(_atomic.write_all, opened_fd, tail, plan.tail_offset)
+        await run_sync(_atomic.write_all, fd, plan.tail_bytes(), plan.tail_offset)
         step = "flushing the checkpoint to disk (fsync)"
-        await anyio.to_thread.run_sync(os.fsync, opened_fd)
+        await run_sync(os.fsync, fd)
         step = "closing the temp file"
-        fd = None
-        await anyio.to_thread.run_sync(os.close, opened_fd)
+        await run_sync(temp.close)
         step = "renaming the temp file over the checkpoint"
-        with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(os.replace, opened_tmp, target)
-            tmp = None
-            _atomic.forget_temp(opened_tmp)
-            step = "flushing the directory (fsync); the new checkpoint is in place"
-            await anyio.to_thread.run_sync(_atomic.fsync_dir, target.parent)
+        await run_sync(temp.commit, target)
+        step = "flushing the directory (fsync); the new checkpoint is in place"
+        await run_sync(_atomic.fsync_dir, target.parent)
     except BaseException as exc:
-        if fd is not None or tmp is not None:
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(_atomic.discard, fd, tmp)
+        if temp.fd is not None or temp.path is not None:
+            # run_sync finishes the cleanup even if cancelled again meanwhile.
+            await run_sync(temp.discard)
         if isinstance(exc, OSError):
             raise PersistError(
                 f"{step} failed ({exc.strerror or exc})", path=target, errno=exc.errno

@@ -1,0 +1,105 @@
+"""Worker-thread steps are never abandoned, even on a plain ``Task.cancel()``."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import threading
+import traceback
+from pathlib import Path
+
+import anyio
+import pytest
+import torch
+
+from aiostage._persist import _atomic
+from aiostage._persist._threads import run_sync
+from aiostage._persist._writer import persist
+
+MiB = 1024 * 1024
+
+
+def threads_inside(function_name: str) -> list[str]:
+    """Names of threads whose current stack includes ``function_name``."""
+    names = {t.ident: t.name for t in threading.enumerate()}
+    found = []
+    for ident, frame in sys._current_frames().items():
+        if any(f.name == function_name for f in traceback.extract_stack(frame)):
+            found.append(names.get(ident, str(ident)))
+    return found
+
+
+async def test_cancelled_step_waits_for_its_thread() -> None:
+    gate = threading.Event()
+    started = anyio.Event()
+    finished: list[bool] = []
+    token = anyio.lowlevel.current_token()
+
+    def blocking() -> str:
+        anyio.from_thread.run_sync(started.set, token=token)
+        gate.wait()
+        finished.append(True)
+        return "result"
+
+    task = asyncio.create_task(run_sync(blocking))
+    try:
+        await started.wait()
+        task.cancel()
+        for _ in range(5):  # let the cancellation be delivered, and re-delivered
+            await asyncio.sleep(0)
+            task.cancel()
+        assert not task.done()  # still waiting for the thread, not abandoned
+    finally:
+        gate.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert finished == [True]
+
+
+async def test_errors_and_results_pass_through() -> None:
+    assert await run_sync(lambda a, b: a + b, 2, 3) == 5
+
+    def fail() -> None:
+        raise OSError(5, "boom")
+
+    with pytest.raises(OSError, match="boom"):
+        await run_sync(fail)
+
+
+async def test_cancelled_persist_waits_for_the_chunk_in_flight(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    in_write = anyio.Event()
+    release = threading.Event()
+    writes_after_cancel: list[int] = []
+    token = anyio.lowlevel.current_token()
+    real_write_all = _atomic.write_all
+
+    def instrumented_write_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+        # Pauses the first storage chunk's write inside its worker thread.
+        if memoryview(data).nbytes >= MiB and not in_write.is_set():
+            anyio.from_thread.run_sync(in_write.set, token=token)
+            release.wait()
+            writes_after_cancel.append(offset)
+        real_write_all(fd, data, offset)
+
+    monkeypatch.setattr(_atomic, "write_all", instrumented_write_all)
+    target = tmp_path / "c.pt"
+    state = {f"w{i}": torch.ones(4 * MiB) for i in range(2)}
+    task = asyncio.create_task(persist(state, target, _chunk_bytes=16 * MiB))
+    try:
+        await in_write.wait()
+        task.cancel()
+        for _ in range(5):  # deliver (and re-deliver) the cancellation
+            await asyncio.sleep(0)
+            task.cancel()
+        assert not task.done()  # waiting for the chunk in flight, not abandoning it
+        assert os.listdir(tmp_path) != []  # the temp file is still there, fd open
+    finally:
+        release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert writes_after_cancel != []  # the chunk completed before the cleanup ran
+    assert threads_inside("_write_batch") == []
+    assert os.listdir(tmp_path) == []
