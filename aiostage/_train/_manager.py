@@ -138,6 +138,11 @@ class CheckpointManager:
             one rank, the manager creates such a group itself (a collective:
             every rank must construct its manager at the same point).
 
+    With several ranks, call ``save``, ``restore``, ``wait`` and ``close``
+    on every rank in the same order, and cancel on every rank: a rank that
+    stops taking part leaves the others blocked in a collective until the
+    group's timeout.
+
     Saves do not coalesce: a ``save`` issued while the previous one is still
     persisting waits for it.  An error of a background save is raised by the
     next :meth:`save`, :meth:`wait` or :meth:`close` (once).  aiostage logs

@@ -72,6 +72,14 @@ async def _worker(rank: int, world_size: int, directory: str) -> dict[str, Any]:
     await mgr.save(5, get_state(model, opt, extra=extra(5)))
     await mgr.close()
     out["final_steps"] = mgr.steps()
+
+    # Without a group, a manager makes its own over the initialized world.
+    auto = CheckpointManager(os.path.join(directory, "auto"))
+    out["auto"] = (auto.rank, auto.world_size)
+    await auto.save(0, {"rank": torch.tensor(rank)})
+    out["auto_restored"] = int((await auto.restore())["rank"])
+    await auto.close()
+    out["auto_steps"] = auto.steps()
     return out
 
 
@@ -88,6 +96,8 @@ def test_two_ranks_commit_together(tmp_path: Path) -> None:
         assert res["params_equal"] and res["momentum_equal"]
         assert res["leftover_before"]
         assert res["final_steps"] == [3, 5]
+        assert res["auto"] == (rank, 2)
+        assert res["auto_restored"] == rank and res["auto_steps"] == [0]
     assert results[1]["error"] == "RuntimeError: rank 1: disk on fire"
     assert results[0]["error"] is not None
     assert results[0]["error"].startswith("CheckpointManagerError: step 4 was not committed")
