@@ -103,3 +103,21 @@ async def test_cancelled_persist_waits_for_the_chunk_in_flight(
     assert writes_after_cancel != []  # the chunk completed before the cleanup ran
     assert threads_inside("_write_batch") == []
     assert os.listdir(tmp_path) == []
+
+
+async def test_anyio_cancel_scope_cancels_persist(tmp_path: Path) -> None:
+    import aiostage
+
+    target = tmp_path / "c.pt"
+    await aiostage.persist({"old": torch.ones(2)}, target)
+    state = {f"w{i}": torch.ones(4 * MiB) for i in range(4)}
+    with anyio.CancelScope() as scope:
+
+        def progress(done: int, total: int) -> None:
+            if done > 1024:  # the first storage chunk is written
+                scope.cancel()
+
+        await persist(state, target, progress=progress, _chunk_bytes=4 * MiB)
+    assert scope.cancelled_caught
+    assert os.listdir(tmp_path) == ["c.pt"]
+    assert list((await aiostage.load(target)).keys()) == ["old"]
