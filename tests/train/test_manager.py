@@ -352,7 +352,8 @@ _CHILD = textwrap.dedent(
         _manifest.write_manifest = write_manifest
 
     async def main():
-        mgr = aiostage.CheckpointManager(directory, keep_last=2)
+        # keep_last=1: step 1 may go only once step 2 is committed.
+        mgr = aiostage.CheckpointManager(directory, keep_last=1)
         await mgr.save(1, {"w": torch.full((4_000_000,), 1.0), "step": 1})
         await mgr.wait()
         await mgr.save(2, {"w": torch.full((4_000_000,), 2.0), "step": 2}, progress=progress)
