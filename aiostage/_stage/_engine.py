@@ -24,7 +24,7 @@ import torch
 from aiostage._exceptions import StagingError
 from aiostage._stage._options import accelerator_available
 from aiostage._stage._plan import CopyRequest, StagePlan, byte_view
-from aiostage._stage._traverse import Path, Traversal, format_path
+from aiostage._stage._traverse import Path, Traversal, check_stageable, format_path, view_on
 
 __all__ = ["CacheInfo", "StateDictStager", "pin_storage"]
 
@@ -115,6 +115,78 @@ class _StorageCache:
         self._entries.clear()
 
 
+class _TensorEntry(NamedTuple):
+    """What a staged tensor was built from, to reuse it when nothing changed."""
+
+    ref: weakref.ref[torch.Tensor]
+    src_key: int
+    dst_key: int
+    dtype: torch.dtype
+    offset: int
+    size: torch.Size
+    stride: tuple[int, ...]
+    requires_grad: bool
+    plain: torch.Tensor
+    staged: torch.Tensor
+    whole: bool
+
+    @staticmethod
+    def of(
+        t: torch.Tensor,
+        src: torch.UntypedStorage,
+        dst: torch.UntypedStorage,
+        plain: torch.Tensor,
+        staged: torch.Tensor,
+        whole: bool,
+    ) -> tuple[Any, ...]:
+        return (
+            src._cdata,
+            dst._cdata,
+            t.dtype,
+            t.storage_offset(),
+            t.size(),
+            t.stride(),
+            t.requires_grad,
+            plain,
+            staged,
+            whole,
+        )
+
+
+class _TensorCache:
+    """Staged tensor objects keyed weakly by their source tensor.
+
+    Building a tensor view costs microseconds; a state of tens of thousands
+    of tensors staged every few steps pays that again and again.  When a
+    source tensor is unchanged (same storage, dtype, offset, size, stride and
+    ``requires_grad``) and its staging storage is the same, its staged tensor
+    from the previous call is returned again.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[int, _TensorEntry] = {}
+
+    def get(self, t: torch.Tensor) -> _TensorEntry | None:
+        entry = self._entries.get(id(t))
+        if entry is not None and entry.ref() is t:
+            return entry
+        return None
+
+    def put(self, t: torch.Tensor, fields: tuple[Any, ...]) -> None:
+        key = id(t)
+        entries = self._entries
+
+        def drop(ref: weakref.ref[torch.Tensor]) -> None:
+            current = entries.get(key)
+            if current is not None and current.ref is ref:
+                del entries[key]
+
+        entries[key] = _TensorEntry(weakref.ref(t, drop), *fields)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
 class StateDictStager:
     """Deep-copies any object so that every tensor lives in CPU memory.
 
@@ -151,6 +223,7 @@ class StateDictStager:
         self.share_memory = share_memory
         self.pin_memory_min_bytes = pin_memory_min_bytes
         self._cache = _StorageCache()
+        self._tensors = _TensorCache()
         self._cuda_pinning = pin_memory and torch.cuda.is_available()
         self._lock = threading.Lock()
 
@@ -207,6 +280,7 @@ class StateDictStager:
         """Release every cached staging storage (pinned memory is unpinned
         when the last staged tensor using it is freed)."""
         self._cache.clear()
+        self._tensors.clear()
 
     # -- the two halves the async stagers drive ------------------------------
 
@@ -231,9 +305,7 @@ class StateDictStager:
         created = [-1]  # index of the request the last storage_for() made
         by_dst: dict[int, int] = {}
 
-        def storage_for(
-            t: torch.Tensor, src: torch.UntypedStorage, path: Path
-        ) -> torch.UntypedStorage:
+        def storage_for(src: torch.UntypedStorage, path: Path) -> torch.UntypedStorage:
             key = src._cdata
             dst = seen.get(key)
             if dst is not None:
@@ -260,21 +332,47 @@ class StateDictStager:
             seen[key] = dst
             return dst
 
-        def on_tensor(t: torch.Tensor, y: torch.Tensor) -> None:
+        tensors = self._tensors
+
+        def stage_tensor(t: torch.Tensor, path: Path) -> torch.Tensor:
+            # Fast path: the same source tensor, unchanged since the last
+            # stage, on the same staging storage -> the same staged tensor.
+            entry = tensors.get(t)
+            if entry is not None and not getattr(t, "__dict__", None):
+                src = t.untyped_storage()
+                if (
+                    src._cdata == entry.src_key
+                    and t.dtype is entry.dtype
+                    and t.storage_offset() == entry.offset
+                    and t.size() == entry.size
+                    and t.stride() == entry.stride
+                    and t.requires_grad == entry.requires_grad
+                ):
+                    dst = storage_for(src, path)
+                    if dst._cdata == entry.dst_key:
+                        index, created[0] = created[0], -1
+                        if index >= 0 and entry.whole:
+                            whole[index] = (t, entry.plain)
+                        return entry.staged
+            src = check_stageable(t, path)
+            dst = storage_for(src, path)
+            plain, staged = view_on(t, dst)
             index, created[0] = created[0], -1
-            if (
+            dense = (
                 index >= 0
                 and t.storage_offset() == 0
                 and t.is_contiguous()
-                and t.numel() * t.element_size() == requests[index].nbytes
+                and t.nbytes == requests[index].nbytes
                 and not t.is_conj()
                 and not t.is_neg()
-            ):
-                whole[index] = (t, y)
+            )
+            if dense:
+                whole[index] = (t, plain)
+            if not getattr(t, "__dict__", None):
+                tensors.put(t, _TensorEntry.of(t, src, dst, plain, staged, dense))
+            return staged
 
-        traversal = Traversal(
-            storage_for, on_tensor=on_tensor, type_check=type_check, budget_s=budget_s
-        )
+        traversal = Traversal(stage_tensor, type_check=type_check, budget_s=budget_s)
         try:
             result = yield from traversal.run(obj)
         except BaseException:  # including GeneratorExit when the caller gives up

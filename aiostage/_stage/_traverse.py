@@ -28,7 +28,7 @@ import torch
 
 from aiostage._exceptions import StagingError
 
-__all__ = ["Traversal", "format_path", "ROOT"]
+__all__ = ["ROOT", "Traversal", "check_stageable", "format_path", "view_on"]
 
 Path = tuple[Any, ...]
 """A key path as a linked list ``(parent, key)``; built cheaply, formatted on demand."""
@@ -67,8 +67,7 @@ _PLAIN_TENSORS: frozenset[type] = frozenset({torch.Tensor, torch.nn.Parameter})
 
 _TYPE_CHECK_CONTAINERS = (dict, list, tuple)
 
-StorageFor = Callable[[torch.Tensor, torch.UntypedStorage, Path], torch.UntypedStorage]
-OnTensor = Callable[[torch.Tensor, torch.Tensor], None]
+StageTensor = Callable[[torch.Tensor, Path], torch.Tensor]
 
 
 def format_path(path: Path) -> str:
@@ -91,14 +90,49 @@ def _loaded_type(module: str, name: str) -> type | None:
     return found if isinstance(found, type) else None
 
 
+def check_stageable(t: torch.Tensor, path: Path) -> torch.UntypedStorage:
+    """Return ``t``'s untyped storage, or raise a StagingError saying why not."""
+    if t.layout is not torch.strided or t.is_quantized or t.is_nested or t.is_meta:
+        if t.is_meta:
+            reason = "a tensor on the meta device: it holds no data"
+        elif t.is_quantized or t.is_nested:
+            reason = "quantized or nested tensors"
+        else:
+            reason = f"a tensor with layout {t.layout}; only strided tensors are supported"
+        raise StagingError(f"cannot stage {reason}", path=format_path(path))
+    try:
+        return t.untyped_storage()
+    except (RuntimeError, NotImplementedError) as exc:
+        raise StagingError(f"tensor has no storage to copy: {exc}", path=format_path(path)) from exc
+
+
+def view_on(t: torch.Tensor, dst: torch.UntypedStorage) -> tuple[torch.Tensor, torch.Tensor]:
+    """Build ``t``'s staged copy over ``dst``: same dtype, offset, size, stride.
+
+    Returns ``(plain, staged)``: ``plain`` is the bare CPU view (what copies
+    write into); ``staged`` adds ``t``'s conjugate/negative bits, its
+    ``nn.Parameter`` type and ``requires_grad``.
+    """
+    plain = torch.empty((0,), dtype=t.dtype).set_(dst, t.storage_offset(), t.size(), t.stride())
+    y = plain
+    if t.is_conj():
+        y = y.conj()
+    if t.is_neg():
+        y = y._neg_view()
+    if type(t) is not torch.Tensor:
+        y = torch.nn.Parameter(y, requires_grad=t.requires_grad)
+    elif t.requires_grad:
+        y = y.detach().requires_grad_(True)
+    return plain, y
+
+
 class Traversal:
     """One deep copy.  Not reusable: make one per stage call.
 
     Args:
-        storage_for: maps a source tensor (and its untyped storage) to the CPU
-            storage its staged copy must live on.
-        on_tensor: called with each plain source tensor and its staged copy
-            (before any conj/neg view or Parameter wrapping is applied).
+        stage_tensor: returns the staged copy of a plain (``torch.Tensor`` or
+            ``nn.Parameter``) source tensor: a CPU tensor over the staging
+            storage the engine picked (see :func:`view_on`).
         type_check: refuse leaves that are not tensors, atomic values, dicts,
             lists or tuples (for :class:`BlockingAsyncStager`'s ``type_check``).
         budget_s: when set, the generator yields after roughly this many
@@ -107,14 +141,12 @@ class Traversal:
 
     def __init__(
         self,
-        storage_for: StorageFor,
+        stage_tensor: StageTensor,
         *,
-        on_tensor: OnTensor | None = None,
         type_check: bool = False,
         budget_s: float | None = None,
     ) -> None:
-        self._storage_for = storage_for
-        self._on_tensor = on_tensor
+        self._stage_tensor = stage_tensor
         self._type_check = type_check
         self._budget_s = budget_s
         self._memo: dict[int, Any] = {}
@@ -338,37 +370,7 @@ class Traversal:
         return y
 
     def _plain_tensor(self, t: torch.Tensor, path: Path) -> torch.Tensor:
-        if t.layout is not torch.strided or t.is_quantized or t.is_nested or t.is_meta:
-            self._refuse(t, path)
-        try:
-            src = t.untyped_storage()
-        except (RuntimeError, NotImplementedError) as exc:
-            raise StagingError(
-                f"tensor has no storage to copy: {exc}", path=format_path(path)
-            ) from exc
-        dst = self._storage_for(t, src, path)
-        y = torch.empty((0,), dtype=t.dtype).set_(dst, t.storage_offset(), t.size(), t.stride())
-        if self._on_tensor is not None:
-            self._on_tensor(t, y)
-        if t.is_conj():
-            y = y.conj()
-        if t.is_neg():
-            y = y._neg_view()
-        if type(t) is not torch.Tensor:
-            y = torch.nn.Parameter(y, requires_grad=t.requires_grad)
-        elif t.requires_grad:
-            y.requires_grad_(True)
-        return y
-
-    @staticmethod
-    def _refuse(t: torch.Tensor, path: Path) -> None:
-        if t.is_meta:
-            reason = "a tensor on the meta device: it holds no data"
-        elif t.is_quantized or t.is_nested:
-            reason = "quantized or nested tensors"
-        else:
-            reason = f"a tensor with layout {t.layout}; only strided tensors are supported"
-        raise StagingError(f"cannot stage {reason}", path=format_path(path))
+        return self._stage_tensor(t, path)
 
     def _dtensor_copy(self, t: Any, path: Path) -> torch.Tensor:
         local = self._plain_tensor(t._local_tensor, (path, "_local_tensor"))

@@ -362,3 +362,48 @@ def test_pin_memory_without_accelerator_warns_once_and_is_ignored() -> None:
 def test_negative_pin_threshold_is_rejected() -> None:
     with pytest.raises(ValueError, match="pin_memory_min_bytes"):
         StateDictStager(pin_memory_min_bytes=-1)
+
+
+# -- the staged-tensor cache ---------------------------------------------------------
+
+
+def test_unchanged_tensors_are_staged_to_the_same_objects() -> None:
+    stager = StateDictStager()
+    sd = {"w": torch.randn(8), "p": torch.nn.Parameter(torch.randn(3))}
+    first = stager.stage(sd)
+    sd["w"].add_(1)
+    second = stager.stage(sd)
+    assert second["w"] is first["w"] and second["p"] is first["p"]
+    assert torch.equal(second["w"], sd["w"])
+
+
+def test_changed_tensors_are_rebuilt() -> None:
+    stager = StateDictStager()
+    t = torch.randn(8)
+    p = torch.nn.Parameter(torch.randn(4))
+    first = stager.stage({"t": t, "p": p})
+    t.data = torch.arange(6, dtype=torch.float64).reshape(2, 3)  # new storage, dtype, shape
+    p.requires_grad_(False)
+    second = stager.stage({"t": t, "p": p})
+    assert second["t"] is not first["t"]
+    assert second["t"].dtype == torch.float64 and second["t"].shape == (2, 3)
+    assert torch.equal(second["t"], t)
+    assert not second["p"].requires_grad and first["p"].requires_grad
+    t.resize_(12)
+    t.copy_(torch.arange(12, dtype=torch.float64))
+    third = stager.stage({"t": t})
+    assert third["t"].shape == (12,) and torch.equal(third["t"], t)
+    t.note = "added"  # type: ignore[attr-defined]
+    fourth = stager.stage({"t": t})
+    assert fourth["t"].note == "added"
+    assert not hasattr(third["t"], "note")
+
+
+def test_transposed_view_reuse_keeps_geometry() -> None:
+    stager = StateDictStager()
+    base = torch.randn(3, 5)
+    sd = {"t": base.t()}
+    stager.stage(sd)
+    sd["t"] = base  # same storage, different geometry, different tensor object
+    out = stager.stage(sd)
+    assert out["t"].shape == (3, 5) and torch.equal(out["t"], base)

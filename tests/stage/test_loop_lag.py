@@ -28,39 +28,40 @@ async def test_loop_runs_while_staging_512_mib() -> None:
             assert torch.equal(staged["t63"], sd["t63"])
             print(f"stage 512 MiB: {elapsed:.3f}s, max loop gap {ticker.max_gap * 1e3:.1f} ms")
             # Generous: the loop was never held for anything like the copy time.
-            assert ticker.max_gap < 0.1
+            assert ticker.max_gap < 0.25
             assert ticker.max_gap < elapsed / 4
             assert ticker.ticks > 10
 
 
 @pytest.fixture
-def frozen_heap() -> Iterator[None]:
-    """Move the objects alive now out of the cyclic GC's reach.
+def twenty_k_state() -> Iterator[dict[str, Any]]:
+    """20,000 small tensors in nested dicts, with the heap frozen afterwards.
 
-    A full collection scans every tracked object in the process, so with a
-    state of 20,000 dicts it pauses whatever runs for ~0.1 s, with or without
-    aiostage.  Freezing the heap built before the test (as long-running
-    trainers do after set-up) leaves the loop lag that staging itself causes.
+    A full collection of the cyclic GC scans every tracked object in the
+    process, so with 20,000 dicts alive it pauses whatever runs for ~0.1 s,
+    with or without aiostage.  Freezing the heap built before the test (as
+    long-running trainers do after set-up) leaves the lag staging causes.
     """
+    sd = {"layers": {f"l{i}": {"w": torch.full((16,), float(i))} for i in range(20_000)}}
     gc.collect()
     gc.freeze()
-    yield
+    yield sd
     gc.unfreeze()
 
 
 @pytest.mark.slow
-async def test_loop_runs_while_traversing_twenty_thousand_tensors(frozen_heap: None) -> None:
-    sd = {"layers": {f"l{i}": {"w": torch.full((16,), float(i))} for i in range(20_000)}}
-    await _stage_twenty_thousand(sd)
-
-
-async def _stage_twenty_thousand(sd: dict[str, Any]) -> None:
+async def test_loop_runs_while_traversing_twenty_thousand_tensors(
+    twenty_k_state: dict[str, Any],
+) -> None:
+    sd = twenty_k_state
     async with DefaultStager() as stager:
-        start = time.perf_counter()
-        async with LoopTicker() as ticker:
-            staged = await stager.stage(sd)
-        elapsed = time.perf_counter() - start
-        assert torch.equal(staged["layers"]["l19999"]["w"], sd["layers"]["l19999"]["w"])
-        print(f"stage 20k tensors: {elapsed:.3f}s, max loop gap {ticker.max_gap * 1e3:.1f} ms")
-        assert ticker.max_gap < 0.1
-        assert ticker.max_gap < elapsed / 4
+        for _ in range(2):  # cold, then with cached buffers and tensors
+            start = time.perf_counter()
+            async with LoopTicker() as ticker:
+                staged = await stager.stage(sd)
+            elapsed = time.perf_counter() - start
+            assert torch.equal(staged["layers"]["l19999"]["w"], sd["layers"]["l19999"]["w"])
+            print(f"stage 20k tensors: {elapsed:.3f}s, max loop gap {ticker.max_gap * 1e3:.1f} ms")
+            # Generous: without slicing, the gap would be most of the stage.
+            assert ticker.max_gap < 0.25
+            assert ticker.max_gap < elapsed / 4
