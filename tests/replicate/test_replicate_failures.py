@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import multiprocessing as mp
 import sys
 import time
 from datetime import timedelta
@@ -15,7 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _distributed import run_group
+from _distributed import make_event, run_group
 
 from aiostage import PeerTimeoutError, ReplicationError, ReplicationStager
 
@@ -104,7 +103,7 @@ async def _silent_worker(rank: int, world: int, done: Any) -> tuple[float, float
 
 @pytest.mark.timeout(60)
 def test_silent_partner_times_out_and_loop_stays_responsive() -> None:
-    done = mp.get_context("spawn").Event()
+    done = make_event()
     (elapsed, lag), _ = run_group(_silent_worker, 2, done, timeout=50)
     assert 1.5 <= elapsed < 2 + 3
     assert lag < 0.5  # the event loop kept running while the exchange waited
@@ -132,7 +131,7 @@ async def _cancel_worker(rank: int, world: int, done: Any) -> float:
 
 @pytest.mark.timeout(60)
 def test_cancelled_stage_waits_for_the_operation_in_flight_only() -> None:
-    done = mp.get_context("spawn").Event()
+    done = make_event()
     elapsed, _ = run_group(_cancel_worker, 2, done, timeout=50)
     # The send in flight is bounded by the 2 s timeout; nothing waits longer.
     assert elapsed < 2 + 3
@@ -181,7 +180,7 @@ async def _half_message_worker(rank: int, world: int, storage_dir: str, done: An
 
 @pytest.mark.timeout(60)
 def test_partner_silent_mid_message_keeps_previous_replica_file(tmp_path: Path) -> None:
-    done = mp.get_context("spawn").Event()
+    done = make_event()
     run_group(_half_message_worker, 2, str(tmp_path), done, timeout=50)
 
 
