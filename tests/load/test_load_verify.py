@@ -114,12 +114,14 @@ async def test_dataclass_needs_safe_globals(tmp_path: Path) -> None:
 
 async def test_callers_own_safe_globals_survive(tmp_path: Path) -> None:
     path = await aiostage.persist({"info": RunInfo(1, 2.0)}, tmp_path / "ckpt.pt")
+    before = torch.serialization.get_safe_globals()
     torch.serialization.add_safe_globals([RunInfo])
     try:
         await aiostage.load(path, safe_globals=[RunInfo])
         assert RunInfo in torch.serialization.get_safe_globals()
     finally:
         torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(before)
 
 
 async def test_code_execution_is_refused(tmp_path: Path) -> None:
