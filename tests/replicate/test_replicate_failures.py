@@ -69,36 +69,46 @@ def test_partner_that_exits_raises_peer_timeout() -> None:
 
 
 async def _silent_worker(rank: int, world: int, done: Any) -> tuple[float, float]:
+    import torch.distributed as dist
+
+    elapsed = lag = 0.0
     if rank == 1:
         # Alive but never answers, until rank 0 has seen its error.
         assert done.wait(timeout=40)
-        return 0.0, 0.0
-    try:
-        lag = 0.0
-        stop = asyncio.Event()
+        stager = ReplicationStager(timeout=timedelta(seconds=20))
+    else:
+        try:
+            stop = asyncio.Event()
 
-        async def ticker() -> None:
-            nonlocal lag
-            loop = asyncio.get_running_loop()
-            while not stop.is_set():
-                before = loop.time()
-                await asyncio.sleep(0.01)
-                lag = max(lag, loop.time() - before - 0.01)
+            async def ticker() -> None:
+                nonlocal lag
+                loop = asyncio.get_running_loop()
+                while not stop.is_set():
+                    before = loop.time()
+                    await asyncio.sleep(0.01)
+                    lag = max(lag, loop.time() - before - 0.01)
 
-        tick = asyncio.create_task(ticker())
-        stager = ReplicationStager(timeout=timedelta(seconds=2))
-        start = time.monotonic()
-        with pytest.raises(PeerTimeoutError) as info:
-            await stager.stage(_state(rank))
-        elapsed = time.monotonic() - start
-        stop.set()
-        await tick
-        assert info.value.peer == 1
-        assert "within 2 s" in str(info.value)
-        await stager.close()
-        return elapsed, lag
-    finally:
-        done.set()
+            tick = asyncio.create_task(ticker())
+            stager = ReplicationStager(timeout=timedelta(seconds=2))
+            start = time.monotonic()
+            with pytest.raises(PeerTimeoutError) as info:
+                await stager.stage(_state(rank))
+            elapsed = time.monotonic() - start
+            stop.set()
+            await tick
+            assert info.value.peer == 1
+            assert "within 2 s" in str(info.value)
+        finally:
+            done.set()
+    # The timeout closed the pair's connection in the old group; a fresh group
+    # brings the pair back in step (recover(pg=...) bypasses the refusal).
+    fresh = dist.new_group(backend="gloo")
+    assert await stager.recover(pg=fresh) is None  # nobody holds anything yet
+    await stager.close()
+    async with ReplicationStager(pg=fresh, timeout=timedelta(seconds=20)) as again:
+        replica = await again.stage(_state(rank))
+    assert torch.equal(replica["w"], _state(1 - rank)["w"])
+    return elapsed, lag
 
 
 @pytest.mark.timeout(60)
