@@ -34,7 +34,7 @@ EXPECTED = {
 
 
 def test_all_lists_the_public_names() -> None:
-    assert EXPECTED <= set(aiostage.__all__)
+    assert set(aiostage.__all__) >= EXPECTED
     assert len(aiostage.__all__) == len(set(aiostage.__all__))
     for name in aiostage.__all__:
         assert hasattr(aiostage, name), name
