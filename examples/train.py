@@ -56,6 +56,15 @@ except ImportError:  # pragma: no cover - the bars are optional
 MB = 1e6
 
 
+def say(message: str = "") -> None:
+    """Print a line without garbling a progress bar that is on screen."""
+    if tqdm is not None:
+        tqdm.write(message)
+    else:
+        print(message)
+    sys.stdout.flush()
+
+
 # -- the training run ----------------------------------------------------------
 
 
@@ -216,10 +225,9 @@ async def train_with_checkpoints(args: argparse.Namespace, resume: bool) -> None
             state = await mgr.restore(verify=True, progress=progress)
             close()
             run.load(state)
-            print(
+            say(
                 f"  resumed from step {run.step} (complete checkpoints: {steps}) in"
                 f" {(time.perf_counter() - t0) * 1e3:.0f} ms (read + CRC check)",
-                flush=True,
             )
         start_step, t_start = run.step, time.perf_counter()
         loop_blocked = 0.0
@@ -234,28 +242,26 @@ async def train_with_checkpoints(args: argparse.Namespace, resume: bool) -> None
                     progress = crash_mid_persist(run.step, mgr.history)
                 stats = await mgr.save(run.step, run.state(), progress=progress)
                 loop_blocked += stats.blocked_s
-                print(
+                say(
                     f"  step {run.step:5d}  loss {run.loss:.5f}  checkpoint staged, loop blocked"
                     f" {stats.blocked_s * 1e3:.1f} ms",
-                    flush=True,
                 )
         await mgr.wait()
         elapsed = time.perf_counter() - t_start
         for line in checkpoint_table(mgr.history):
-            print(line)
+            say(line)
         n = run.step - start_step
-        print(
+        say(
             f"  {n} steps in {elapsed:.2f} s ({n / elapsed:.1f} steps/s); the loop was blocked"
             f" by checkpointing for {loop_blocked * 1e3:.0f} ms"
             f" ({100 * loop_blocked / elapsed:.1f}%)",
-            flush=True,
         )
     final = run.state()
     await aiostage.persist({"model": final["model"], "optim": final["optim"]}, args.final)
 
 
 def crash(where: str) -> None:
-    print(f"  *** simulated crash {where}: SIGKILL ***", flush=True)
+    say(f"  *** simulated crash {where}: SIGKILL ***")
     os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -264,7 +270,7 @@ def crash_mid_persist(step: int, history: list[SaveStats]) -> Callable[[int, int
         if done < total:
             # This save waited for the previous ones: they are all committed.
             for line in checkpoint_table([s for s in history if s.step != step]):
-                print(line)
+                say(line)
             crash(f"while persisting step {step} ({done}/{total} bytes written)")
 
     return progress
@@ -315,7 +321,7 @@ async def reference_run(args: argparse.Namespace) -> dict[str, Any]:
     while run.step < args.steps:
         await asyncio.to_thread(run.train_step)
     elapsed = time.perf_counter() - t0
-    print(f"  {args.steps} steps in {elapsed:.2f} s, final loss {run.loss:.5f}", flush=True)
+    say(f"  {args.steps} steps in {elapsed:.2f} s, final loss {run.loss:.5f}")
     state = run.state()
     return {"model": state["model"], "optim": state["optim"]}
 
@@ -386,19 +392,18 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, flag):
                 args.forward.append(f"--{flag.replace('_', '-')}")
         n_params = sum(p.numel() for p in Run(args).model.parameters())
-        print(
+        say(
             f"aiostage {aiostage.__version__}, torch {torch.__version__}, {args.threads} threads;"
             f" model {n_params / 1e6:.2f} M parameters; work dir {work}"
         )
 
-        print(
+        say(
             f"\n[1/3] training with a checkpoint every {args.every} steps, crashing at step"
             f" {args.crash_at}",
-            flush=True,
         )
         code = child(args, "crash")
         if code != -signal.SIGKILL:
-            print(f"FAIL: the crashing run exited with {code}, not SIGKILL")
+            say(f"FAIL: the crashing run exited with {code}, not SIGKILL")
             return 1
         ckpts = work / "checkpoints"
         mgr = CheckpointManager(ckpts)
@@ -407,28 +412,28 @@ def main(argv: list[str] | None = None) -> int:
             for d in ckpts.iterdir()
             if d.name.startswith("step_") and int(d.name[5:]) not in mgr.steps()
         )
-        print(f"  after the crash: complete checkpoints {mgr.steps()}, interrupted: {leftovers}")
+        say(f"  after the crash: complete checkpoints {mgr.steps()}, interrupted: {leftovers}")
 
-        print("\n[2/3] a fresh process resumes from the latest checkpoint", flush=True)
+        say("\n[2/3] a fresh process resumes from the latest checkpoint")
         code = child(args, "resume")
         if code != 0:
-            print(f"FAIL: the resumed run exited with {code}")
+            say(f"FAIL: the resumed run exited with {code}")
             return 1
-        print(f"  checkpoints now: {CheckpointManager(ckpts).steps()}")
+        say(f"  checkpoints now: {CheckpointManager(ckpts).steps()}")
 
-        print("\n[3/3] the same run without interruption, for comparison", flush=True)
+        say("\n[3/3] the same run without interruption, for comparison")
         expected = asyncio.run(reference_run(args))
         resumed = asyncio.run(aiostage.load(args.final))
         n, nbytes, bad = compare(resumed, expected)
         if bad or n == 0:
-            print(
+            say(
                 f"\nFAIL: the resumed run differs from the uninterrupted one in {len(bad)}"
                 " tensors or values:"
             )
             for line in bad[:20]:
-                print(f"  {line}")
+                say(f"  {line}")
             return 1
-        print(
+        say(
             f"\nPASS: parameters and optimizer state after resuming are bitwise identical to"
             f" the uninterrupted run ({n} tensors, {nbytes / MB:.1f} MB compared)"
         )
