@@ -426,6 +426,10 @@ class _Builder:
             t.requires_grad_(True)
         if attrs:
             for key, value in attrs.items():
+                # Only plain instance attributes, never torch's own (``data``,
+                # ``grad``, dunders): the sender only sends ``t.__dict__``.
+                if not isinstance(key, str) or key.startswith("__") or hasattr(torch.Tensor, key):
+                    raise ReplicationError(f"refused tensor attribute {key!r} in the metadata")
                 setattr(t, key, value)
         self.tensors[tid] = t
         return t
