@@ -550,7 +550,9 @@ class ReplicationStager(_StagerBase):
             PeerTimeoutError: the partner did not answer within the timeout
                 (or its connection dropped); names the partner rank.
             ReplicationError: the state cannot be encoded, the partner's
-                cannot be decoded, or the partner is not staging.
+                cannot be decoded, the partner failed to stage its own state
+                (it raises its own error; the pair stays in step), or the
+                partner called :meth:`recover` instead.
             PersistError: writing the replica file failed.
             StagerClosedError: the stager was closed.
 
@@ -558,7 +560,8 @@ class ReplicationStager(_StagerBase):
         waited for (at most ``timeout``), so no worker thread outlives the
         call.  The pair is then out of step: the partner sees a
         :class:`PeerTimeoutError` and this stager refuses further exchanges
-        on its group.  Cancelled while persisting, the previous replica file
-        stays in place.
+        on its group.  The replica file being written (the write overlaps
+        the receive) is abandoned: its temp file is removed and the previous
+        replica file stays in place.
         """
         return await super().stage(state_dict)
