@@ -13,6 +13,9 @@ Sections (``--only`` picks one):
                state, against a plain loop of ``copy_`` calls.
 - ``persist``: the writer's two halves, ``pwrite`` and ``zlib.crc32``, timed
                separately over the same bytes, and persist() itself.
+- ``crc``:     models of where the writer's CRC-32 runs (serial, beside the
+               pwrite as now, or overlapping the fsync), against a raw write.
+- ``save``:    raw write vs stage()+persist() back to back vs pipelined save().
 - ``load``:    torch.load (what aiostage.load runs) against reading the same
                bytes into fresh and into touched buffers.
 - ``rss``:     tracemalloc diff of Python allocations between save 5 and the
@@ -48,6 +51,7 @@ from run import (
     make_state_a,
     make_state_b,
     raw_read,
+    raw_write,
     remove,
     state_bytes,
 )
@@ -129,6 +133,10 @@ def section_copy(args: argparse.Namespace) -> None:
 
 
 async def section_persist(args: argparse.Namespace) -> None:
+    """Alternate raw write and persist() a few times; break persist() down by
+    wrapping the writer's steps (pickling, each batch write, fsync)."""
+    from aiostage._persist import _writer
+
     state = make_state_a(int(args.size_gib * GIB), torch.device("cpu"))
     nbytes = state_bytes(state)
     stager = aiostage.DefaultStager()
@@ -136,32 +144,158 @@ async def section_persist(args: argparse.Namespace) -> None:
     path = Path(args.dir) / "prof-persist.pt"
     raw = Path(args.dir) / "prof-raw.bin"
     views = [memoryview(t.numpy()).cast("B") for t in staged.values()]
-    for _ in range(2):
-        # raw pwrite of the staged tensors, chunked like the writer, no CRC
-        remove(raw)
-        t0 = time.perf_counter()
-        fd = os.open(raw, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    spent: dict[str, float] = {}
+
+    def wrap(name: str, fn: Any) -> Any:
+        def inner(*a: Any, **k: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                spent[name] = spent.get(name, 0.0) + time.perf_counter() - t0
+
+        return inner
+
+    orig = (_writer._write_batch, _writer._prepare, os.fsync)
+    _writer._write_batch = wrap("write batches (pwrite + parallel crc)", orig[0])
+    _writer._prepare = wrap("pickle + plan", orig[1])
+    os.fsync = wrap("fsync", orig[2])
+    ratios = []
+    try:
+        for _ in range(args.rounds):
+            remove(raw)
+            spent.clear()
+            t0 = time.perf_counter()
+            fd = os.open(raw, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            off = 0
+            for v in views:
+                for i in range(0, len(v), 32 * MIB):
+                    off += os.pwrite(fd, v[i : i + 32 * MIB], off)
+            t_pw = time.perf_counter() - t0
+            os.fsync(fd)
+            os.close(fd)
+            t_write = time.perf_counter() - t0
+            raw_fsync = spent.pop("fsync", 0.0)
+            t0 = time.perf_counter()
+            crc = 0
+            for v in views:
+                crc = zlib.crc32(v, crc)
+            t_crc = time.perf_counter() - t0
+            remove(path)
+            spent.clear()
+            t0 = time.perf_counter()
+            await aiostage.persist(staged, path)
+            t_persist = time.perf_counter() - t0
+            ratios.append(t_persist / t_write)
+            parts = ", ".join(f"{k} {v:.3f}s" for k, v in spent.items())
+            print(
+                f"\n== {nbytes / MIB:.0f} MiB: raw pwrite {t_pw:.3f}s + fsync {raw_fsync:.3f}s "
+                f"= {t_write:.3f}s; crc32 alone {t_crc:.3f}s; persist() {t_persist:.3f}s "
+                f"= {t_persist / t_write:.2f}x raw\n   persist parts: {parts}; other "
+                f"{t_persist - sum(spent.values()):.3f}s"
+            )
+    finally:
+        _writer._write_batch, _writer._prepare, os.fsync = orig
+    print(f"   persist / raw write per round: {[round(r, 2) for r in ratios]}")
+    remove(path)
+    remove(raw)
+    await stager.close()
+
+
+def section_crc(args: argparse.Namespace) -> None:
+    """Models of the writer: where the CRC-32 goes relative to write and fsync.
+
+    raw: pwrite + fsync; serial: CRC after each pwrite; parallel: CRC in a
+    second thread while pwrite runs (what the writer does now, joined before
+    fsync); overlap-fsync: pwrite everything, then CRC in a second thread
+    while fsync flushes (headers would be written after, then a tiny fsync).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    nbytes = int(args.size_gib * GIB)
+    tensors = [torch.full((nbytes // 200 // 4,), float(i)) for i in range(200)]
+    views = [memoryview(t.numpy()).cast("B") for t in tensors]
+    path = Path(args.dir) / "prof-crc.bin"
+    pool = ThreadPoolExecutor(1)
+
+    def pwrite_all(fd: int) -> None:
         off = 0
         for v in views:
-            for i in range(0, len(v), 32 * MIB):
-                off += os.pwrite(fd, v[i : i + 32 * MIB], off)
-        os.fsync(fd)
-        os.close(fd)
-        t_write = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        crc = 0
+            off += os.pwrite(fd, v, off)
+
+    def crc_all() -> int:
+        c = 0
         for v in views:
-            crc = zlib.crc32(v, crc)
-        t_crc = time.perf_counter() - t0
+            c = zlib.crc32(v, c)
+        return c
+
+    modes = ("raw", "serial", "parallel", "overlap-fsync")
+    for _ in range(args.rounds):
+        res: dict[str, float] = {}
+        for mode in modes:
+            remove(path)
+            t0 = time.perf_counter()
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            if mode == "raw":
+                pwrite_all(fd)
+                os.fsync(fd)
+            elif mode == "serial":
+                off = 0
+                for v in views:
+                    off += os.pwrite(fd, v, off)
+                    zlib.crc32(v)
+                os.fsync(fd)
+            elif mode == "parallel":
+                fut = pool.submit(crc_all)
+                pwrite_all(fd)
+                fut.result()
+                os.fsync(fd)
+            else:
+                pwrite_all(fd)
+                fut = pool.submit(crc_all)
+                os.fsync(fd)
+                fut.result()
+            os.close(fd)
+            res[mode] = time.perf_counter() - t0
+        print(
+            f"== crc models, {nbytes / MIB:.0f} MiB: "
+            + ", ".join(f"{k} {v:.3f}s ({v / res['raw']:.2f}x)" for k, v in res.items())
+        )
+    remove(path)
+
+
+async def section_save(args: argparse.Namespace) -> None:
+    """Is save() pipelined? Alternate raw write, stage()+persist() back to
+    back, and save() (warm stager), and compare."""
+    state = make_state_a(int(args.size_gib * GIB), torch.device("cpu"))
+    nbytes = state_bytes(state)
+    stager = aiostage.DefaultStager()
+    await stager.stage(state)
+    buf = torch.ones(nbytes, dtype=torch.uint8)
+    path = Path(args.dir) / "prof-save.pt"
+    raw = Path(args.dir) / "prof-raw.bin"
+    for _ in range(args.rounds):
+        remove(raw)
+        t0 = time.perf_counter()
+        raw_write(buf, raw)
+        t_raw = time.perf_counter() - t0
         remove(path)
         t0 = time.perf_counter()
+        staged = await stager.stage(state)
+        t_stage = time.perf_counter() - t0
         await aiostage.persist(staged, path)
-        t_persist = time.perf_counter() - t0
+        t_serial = time.perf_counter() - t0
+        del staged
+        remove(path)
+        t0 = time.perf_counter()
+        handle = await stager.save(state, path)
+        t_ret = time.perf_counter() - t0
+        await handle.wait()
+        t_save = time.perf_counter() - t0
         print(
-            f"\n== persist {nbytes / MIB:.0f} MiB: pwrite+fsync {t_write:.3f}s, crc32 {t_crc:.3f}s "
-            f"(sum {t_write + t_crc:.3f}s), persist() {t_persist:.3f}s "
-            f"= {t_persist / t_write:.2f}x pwrite, "
-            f"{t_persist / (t_write + t_crc):.2f}x (pwrite+crc)"
+            f"== {nbytes / MIB:.0f} MiB: raw {t_raw:.3f}s; stage {t_stage:.3f}s + persist "
+            f"{t_serial - t_stage:.3f}s = {t_serial:.3f}s; save() {t_save:.3f}s (returned after "
+            f"{t_ret:.3f}s) = {t_save / t_raw:.2f}x raw, {t_save / t_serial:.2f}x serial"
         )
     remove(path)
     remove(raw)
@@ -250,7 +384,8 @@ async def main() -> None:
     ap.add_argument("--size-gib", type=float, default=1.0)
     ap.add_argument("--dir", default="/tmp/aiostage-bench")
     ap.add_argument("--saves", type=int, default=40)
-    ap.add_argument("--only", choices=["loop", "copy", "persist", "load", "rss"])
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--only", choices=["loop", "copy", "persist", "crc", "save", "load", "rss"])
     args = ap.parse_args()
     os.makedirs(args.dir, exist_ok=True)
     if args.only in (None, "loop"):
@@ -259,6 +394,10 @@ async def main() -> None:
         section_copy(args)
     if args.only in (None, "persist"):
         await section_persist(args)
+    if args.only in (None, "crc"):
+        section_crc(args)
+    if args.only in (None, "save"):
+        await section_save(args)
     if args.only in (None, "load"):
         await section_load(args)
     if args.only in (None, "rss"):

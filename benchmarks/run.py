@@ -881,7 +881,7 @@ def print_table(b: Bench, targets: list[dict[str, Any]]) -> None:
     print()
     hdr = (
         f"{'phase':52s} {'median s':>9s} {'min':>7s} {'max':>7s} {'GB/s':>6s} "
-        f"{'x limit':>8s} {'lag max':>8s} {'p99':>6s} {'RSS+MiB':>8s}"
+        f"{'x limit':>8s} {'lag max':>8s} {'p99':>6s} {'gc max':>6s} {'RSS+MiB':>8s}"
     )
     print(hdr)
     print("-" * len(hdr))
@@ -892,7 +892,9 @@ def print_table(b: Bench, targets: list[dict[str, Any]]) -> None:
             ratio = f"{paired_throughput(ph):.2f}p"
         elif ref:
             ratio = f"{ph.gbps / b.phases[ref].gbps:.2f}"
-        lag_max = lag_p99 = rss = ""
+        lag_max = lag_p99 = rss = gcmax = ""
+        if "gc_max_ms" in ph.extra:
+            gcmax = f"{ph.extra['gc_max_ms']:.0f}"
         if ph.ticked:
             lag = lag_stats(ph.lags)
             lag_max, lag_p99 = f"{lag['lag_max_ms']:.1f}", f"{lag['lag_p99_ms']:.2f}"
@@ -900,13 +902,13 @@ def print_table(b: Bench, targets: list[dict[str, Any]]) -> None:
             rss = f"{max(ph.peak_rss_delta) / MIB:.0f}"
         print(
             f"{ph.name[:52]:52s} {ph.median:9.3f} {min(ph.times):7.3f} {max(ph.times):7.3f} "
-            f"{ph.gbps:6.2f} {ratio:>8s} {lag_max:>8s} {lag_p99:>6s} {rss:>8s}"
+            f"{ph.gbps:6.2f} {ratio:>8s} {lag_max:>8s} {lag_p99:>6s} {gcmax:>6s} {rss:>8s}"
         )
     print(
         "\n'x limit' = throughput / the matching limit of the same run (memcpy for stage, "
         "raw write+fsync for writers, raw read for loads); 'p' = median of per-repeat ratios "
-        "with the limit re-measured just before each repeat; lag in ms; RSS+ = peak RSS "
-        "growth during the call."
+        "with the limit re-measured around each repeat; lag and gc max (longest garbage "
+        "collection) in ms; RSS+ = peak RSS growth during the call."
     )
     print()
     print(f"{'target':70s} {'value':>8s} {'limit':>7s}  result")
@@ -991,6 +993,7 @@ async def amain(args: argparse.Namespace) -> int:
     b.log(f"RSS in fresh processes: 1st save() peak, then {args.saves} saves")
     b.rss_phases()
 
+    b.info["loadavg_end"] = os.getloadavg()
     targets = evaluate(b)
     print_table(b, targets)
     out = {
