@@ -186,6 +186,7 @@ class CheckpointManager:
         self._inflight: asyncio.Task[None] | None = None
         self._closed = False
         self._dir_lock: int | None = None
+        self._lock_checked = False
         self.history: list[SaveStats] = []
         """Stats of every save issued, oldest first."""
 
@@ -249,15 +250,24 @@ class CheckpointManager:
         async with self._lock:
             self._check_open()
             await self._settle(raise_error=True)
-            if self.rank == 0 and self._dir_lock is None:
-                self._dir_lock = await anyio.to_thread.run_sync(_lock_directory, self.directory)
+            if not self._lock_checked:
+                await self._take_directory_lock()
             stats.waited_s = time.perf_counter() - start
             begin = time.perf_counter()
             attempt = secrets.token_hex(8)
             sdir = mf.step_dir(self.directory, step)
             name = mf.rank_file_name(self.rank, attempt)
-            await anyio.to_thread.run_sync(_make_step_dir, sdir)
-            handle = await self._stager.save(state, sdir / name, progress=progress)
+            handle: SaveHandle | None = None
+            try:
+                await anyio.to_thread.run_sync(_make_step_dir, sdir)
+                handle = await self._stager.save(state, sdir / name, progress=progress)
+            except Exception:
+                if self._group is not None:
+                    # The other ranks are about to wait for this one's report.
+                    self._inflight = asyncio.create_task(
+                        self._complete(stats, attempt, sdir, name, None, time.perf_counter())
+                    )
+                raise
             staged = time.perf_counter()
             stats.stage_s = staged - begin
             self.history.append(stats)
@@ -267,17 +277,39 @@ class CheckpointManager:
             )
         return stats
 
+    async def _take_directory_lock(self) -> None:
+        """Rank 0 takes the writer lock; with several ranks all learn whether it did."""
+        error: str | None = None
+        if self.rank == 0:
+            try:
+                self._dir_lock = await anyio.to_thread.run_sync(_lock_directory, self.directory)
+            except (CheckpointManagerError, OSError) as exc:
+                error = str(exc)
+        if self._group is not None:
+            error = await self._broadcast(error)
+        if error is not None:
+            raise CheckpointManagerError(error)
+        self._lock_checked = True
+
     async def _complete(
         self,
         stats: SaveStats,
         attempt: str,
         sdir: Path,
         name: str,
-        handle: SaveHandle,
+        handle: SaveHandle | None,
         staged: float,
     ) -> None:
-        """Background part of a save: wait for the file, agree, commit, rotate."""
+        """Background part of a save: wait for the file, agree, commit, rotate.
+
+        ``handle`` is ``None`` when this rank's save failed before writing
+        (its error was raised by ``save``): the rank then only reports the
+        failure to the others.
+        """
         local_error: Exception | None = None
+        if handle is None:
+            await self._report_failure(name)
+            return
         try:
             path = await handle.wait()
             stats.nbytes = (await anyio.to_thread.run_sync(os.stat, path)).st_size
@@ -335,6 +367,12 @@ class CheckpointManager:
             stats.nbytes or 0,
             self.rank,
         )
+
+    async def _report_failure(self, name: str) -> None:
+        """Take part in a step's collectives as a rank whose save failed up front."""
+        why = f"rank {self.rank} could not stage or start its write"
+        await self._all_gather((False, name, 0, why))
+        await self._broadcast(why if self.rank == 0 else None)
 
     def _commit(self, sdir: Path, manifest: mf.Manifest) -> None:
         """Rank 0, worker thread: check the rank files, write the manifest, rotate."""
@@ -512,6 +550,7 @@ class CheckpointManager:
                     raise
         finally:
             self._closed = True
+            self._lock_checked = False
             lock, self._dir_lock = self._dir_lock, None
             if lock is not None:
                 os.close(lock)  # releases the flock

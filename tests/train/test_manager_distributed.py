@@ -70,6 +70,17 @@ async def _worker(rank: int, world_size: int, directory: str) -> dict[str, Any]:
     dist.barrier()  # every rank has looked at the leftover before step 5 cleans it
 
     await mgr.save(5, get_state(model, opt, extra=extra(5)))
+
+    # Rank 1 cannot even stage step 6 (a meta tensor): save raises there at
+    # once, and rank 0, which wrote its file, learns that step 6 failed.
+    bad = torch.empty(3, device="meta") if rank == 1 else torch.zeros(3)
+    try:
+        await mgr.save(6, {"w": bad})
+        await mgr.wait()
+        out["error6"] = None
+    except Exception as exc:
+        out["error6"] = f"{type(exc).__name__}: {exc}"
+    await mgr.save(7, get_state(model, opt, extra=extra(7)))
     await mgr.close()
     out["final_steps"] = mgr.steps()
 
@@ -95,16 +106,18 @@ def test_two_ranks_commit_together(tmp_path: Path) -> None:
         assert res["restored_mine"] == [float(rank)] * 3
         assert res["params_equal"] and res["momentum_equal"]
         assert res["leftover_before"]
-        assert res["final_steps"] == [3, 5]
+        assert res["final_steps"] == [5, 7]
         assert res["auto"] == (rank, 2)
         assert res["auto_restored"] == rank and res["auto_steps"] == [0]
     assert results[1]["error"] == "RuntimeError: rank 1: disk on fire"
     assert results[0]["error"] is not None
     assert results[0]["error"].startswith("CheckpointManagerError: step 4 was not committed")
     assert "rank 1" in results[0]["error"]
-    for step in (3, 5):
+    assert results[1]["error6"].startswith("StagingError: ")
+    assert results[0]["error6"].startswith("CheckpointManagerError: step 6 was not committed")
+    for step in (5, 7):
         sdir = tmp_path / f"step_{step:09d}"
         names = sorted(os.listdir(sdir))
         assert names[0] == "manifest.json"
         assert [n[:10] for n in names[1:]] == ["rank_00000", "rank_00001"]
-    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_000000003", "step_000000005"]
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_000000005", "step_000000007"]
