@@ -263,3 +263,21 @@ def test_encode_decode_keeps_conj_neg_attributes_and_parameters() -> None:
     assert type(out["param"]) is torch.nn.Parameter and out["param"].requires_grad
     assert type(out["frozen"]) is torch.nn.Parameter and not out["frozen"].requires_grad
     assert out["tagged"].note["n"] == 3 and torch.equal(out["tagged"].note["inner"], torch.ones(2))
+
+
+async def _subgroup_worker(rank: int, world: int, storage_dir: str) -> None:
+    import torch.distributed as dist
+
+    # Two gloo subgroups, {0, 1} and {2, 3}: inside each, group ranks 0 and 1
+    # pair up, so global rank 2 pairs with 3 (not with 0 as in the world).
+    groups = [dist.new_group([0, 1], backend="gloo"), dist.new_group([2, 3], backend="gloo")]
+    mine = groups[rank // 2]
+    peer = rank ^ 1
+    async with ReplicationStager(pg=mine, storage_dir=storage_dir) as stager:
+        replica = await stager.stage(make_state(rank))
+    assert_same(replica, make_state(peer))
+    assert own_files(storage_dir, rank) == [replica_filename(rank, peer)]  # global ranks
+
+
+def test_exchange_over_a_subgroup_uses_group_ranks(tmp_path: Path) -> None:
+    run_group(_subgroup_worker, 4, str(tmp_path), timeout=50)
