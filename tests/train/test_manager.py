@@ -271,7 +271,6 @@ async def test_one_writer_per_directory(tmp_path: Path) -> None:
     first = CheckpointManager(tmp_path)
     await first.save(1, state(1))
     reader = CheckpointManager(tmp_path)
-    assert reader.steps() == []  # first's save may still be persisting
     await first.wait()
     assert reader.steps() == [1]
     assert (await reader.restore())["extra"] == {"step": 1}  # reading needs no lock
