@@ -251,6 +251,7 @@ async def load(
     and primitive types only, never run code.  Other classes (a dataclass
     in the state, say) must be allow-listed by passing them in
     ``safe_globals``; otherwise :class:`UnsafeCheckpointError` is raised.
+    Runs on an asyncio event loop (plain asyncio or anyio's asyncio backend).
 
     Args:
         path: a ``torch.save``-format zip archive (the legacy pre-1.6

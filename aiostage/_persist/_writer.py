@@ -211,6 +211,7 @@ async def persist(
     renamed over ``path``; the directory is then fsynced.  At every instant
     ``path`` holds the previous complete checkpoint or the new complete one.
     Stale temp files of ``path`` left by killed processes are removed first.
+    Runs on an asyncio event loop (plain asyncio or anyio's asyncio backend).
 
     Args:
         obj: the state to write.
