@@ -28,7 +28,7 @@ from aiostage._exceptions import (
     CorruptCheckpointError,
     UnsafeCheckpointError,
 )
-from aiostage._persist._threads import run_sync
+from aiostage._threads import run_sync
 
 __all__ = ["VERIFY_CHUNK_BYTES", "load", "verify_records"]
 

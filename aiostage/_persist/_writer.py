@@ -1,7 +1,7 @@
 """``persist``: write a state durably as a ``torch.save`` archive, off the loop.
 
 The write is a short series of worker-thread steps (``anyio`` worker
-threads, awaited through :func:`aiostage._persist._threads.run_sync`, which
+threads, awaited through :func:`aiostage._threads.run_sync`, which
 never abandons a thread, even on a plain ``Task.cancel()``):
 
 1. pickle the state (metadata only) and plan every record's offset;
@@ -33,7 +33,7 @@ import torch
 
 from aiostage._exceptions import PersistError
 from aiostage._persist import _archive, _atomic
-from aiostage._persist._threads import run_sync
+from aiostage._threads import run_sync
 
 __all__ = ["DEFAULT_CHUNK_BYTES", "WaitReady", "Progress", "persist"]
 

@@ -5,9 +5,9 @@ at memory bandwidth while the event loop keeps running.  Batches are handed
 out in plan order, so storages land roughly in the order a pipelined writer
 consumes them.
 
-Cancellation never abandons a thread: ``anyio.to_thread.run_sync`` waits for
-the batch in flight, so once the copier has returned no thread writes into
-a staging buffer any more.
+Cancellation never abandons a thread (see ``aiostage._threads``): the batch
+in flight is waited for, so once the copier has returned no thread writes
+into a staging buffer any more, however the caller was cancelled.
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import anyio
-import anyio.to_thread
 import torch
 
 from aiostage._exceptions import StagingError
 from aiostage._stage._engine import pin_storage
 from aiostage._stage._plan import CopyBatch, CopyRequest, byte_view
 from aiostage._stage._traverse import format_path
+from aiostage._threads import run_sync
 
 __all__ = ["copy_batch", "run_in_threads"]
 
@@ -97,7 +97,7 @@ async def run_in_threads(
 
     async def worker() -> None:
         for batch in pending:
-            await anyio.to_thread.run_sync(copy, requests, batch, limiter=limiter)
+            await run_sync(copy, requests, batch, limiter=limiter)
             on_done(batch)
 
     if threads == 1:

@@ -21,7 +21,6 @@ from typing import Any, Protocol
 
 import anyio
 import anyio.lowlevel
-import anyio.to_thread
 import torch
 
 from aiostage._exceptions import StagingError
@@ -29,6 +28,7 @@ from aiostage._stage._cpu_copy import run_in_threads
 from aiostage._stage._engine import pin_storage
 from aiostage._stage._plan import CopyBatch, CopyRequest, byte_view
 from aiostage._stage._traverse import format_path
+from aiostage._threads import run_sync, uncancelled
 
 __all__ = ["DeviceOps", "TorchDeviceOps", "run_on_stream"]
 
@@ -153,7 +153,7 @@ async def run_on_stream(
             for req in to_pin:
                 pin_storage(req.dst)
 
-        await anyio.to_thread.run_sync(pin_all)
+        await run_sync(pin_all)
 
     inflight: collections.deque[tuple[EventLike, CopyBatch]] = collections.deque()
     try:
@@ -174,7 +174,11 @@ async def run_on_stream(
             await _wait_event(inflight[0][0])
             on_done(inflight.popleft()[1])
     except BaseException:
-        with anyio.CancelScope(shield=True):
+        # Whatever went wrong, the device may still be writing into our
+        # buffers: wait for every queued copy, even through cancellation.
+        async def drain() -> None:
             while inflight:
                 await _wait_event(inflight.popleft()[0])
+
+        await uncancelled(drain())
         raise

@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 import anyio
 import anyio.lowlevel
-import anyio.to_thread
 import torch
 
 from aiostage._exceptions import StagerClosedError
@@ -31,6 +30,7 @@ from aiostage._stage._device_copy import DeviceOps, TorchDeviceOps, run_on_strea
 from aiostage._stage._engine import CacheInfo, StateDictStager
 from aiostage._stage._options import StagingOptions
 from aiostage._stage._plan import StagePlan
+from aiostage._threads import run_sync, uncancelled
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -177,11 +177,13 @@ class _StagerBase:
         try:
             staged = await self._stage_locked(state_dict, start_writer)
         except BaseException:
-            with anyio.CancelScope(shield=True):
+            try:
                 for writer in writers:
                     writer.cancel()
-                    await asyncio.wait([writer])
-            self._turn.release()
+                if writers:
+                    await uncancelled(asyncio.wait(writers))
+            finally:
+                self._turn.release()
             raise
         writer = writers[0]
         handle = SaveHandle(writer, staged=staged, on_finish=self._turn.release)
@@ -195,15 +197,17 @@ class _StagerBase:
         Idempotent.  Afterwards ``stage()`` and ``save()`` raise
         :class:`StagerClosedError`.
 
-        Cancellation: close is shielded; it finishes even if cancelled.
+        Cancellation: close finishes even if cancelled, then re-raises.
         """
-        with anyio.CancelScope(shield=True):
-            if self._closed:
-                return
-            self._closing = True
-            async with self._turn:
-                self._closed = True
-                self._release_buffers()
+        await uncancelled(self._close())
+
+    async def _close(self) -> None:
+        if self._closed:
+            return
+        self._closing = True
+        async with self._turn:
+            self._closed = True
+            self._release_buffers()
 
     async def __aenter__(self: S) -> S:
         self._check_open()
@@ -375,7 +379,7 @@ class BlockingAsyncStager(_StagerBase):
         self, state_dict: Any, on_plan: Callable[[StagePlan], None] | None
     ) -> Any:
         engine = self._engine if self.cache_staged_state_dict else StateDictStager()
-        staged = await anyio.to_thread.run_sync(
+        staged = await run_sync(
             functools.partial(engine.stage, state_dict, type_check=self.type_check)
         )
         if on_plan is not None:

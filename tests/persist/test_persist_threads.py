@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from aiostage._persist import _atomic
-from aiostage._persist._threads import run_sync
+from aiostage._threads import run_sync
 from aiostage._persist._writer import persist
 
 MiB = 1024 * 1024

@@ -114,3 +114,44 @@ async def test_blocking_device_copies_run_in_a_worker_thread(device: SimulatedDe
         staged = await task
     assert "copy_async" not in device.calls
     assert torch.equal(staged["other"], sd["other"])
+
+
+async def test_task_cancel_never_abandons_a_copy_thread(device: SimulatedDevice) -> None:
+    # A plain Task.cancel() (what asyncio.timeout and wait_for do) must not let
+    # stage() return while a worker thread still copies into its buffers.
+    sd = make_state()
+    opts = StagingOptions(use_non_blocking_copy=False, chunk_bytes=64 * 1024)
+    async with DefaultStager(opts, _device_ops=device) as stager:
+        task = asyncio.create_task(stager.stage(sd))
+        await anyio.to_thread.run_sync(device.first_issue.wait)
+        task.cancel()
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not task.done()  # still waiting for the blocked copy thread
+        device.gate.set()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert device.executed == device.issued == 1  # no copy started after the cancel
+        assert stager.cache_info() == CacheInfo(0, 0)
+
+
+async def test_timeout_waits_for_queued_device_copies(device: SimulatedDevice) -> None:
+    sd = make_state()
+    async with DefaultStager(OPTS, _device_ops=device) as stager:
+
+        timeouts: list[asyncio.Timeout] = []
+
+        async def stage_with_timeout() -> None:
+            async with asyncio.timeout(None) as timeout:
+                timeouts.append(timeout)
+                await stager.stage(sd)
+
+        task = asyncio.create_task(stage_with_timeout())
+        await anyio.to_thread.run_sync(device.first_issue.wait)
+        timeouts[0].reschedule(asyncio.get_running_loop().time())  # expire now
+        await device.wait_for_queries(device.queries + 5)
+        assert not task.done()
+        device.gate.set()
+        with pytest.raises(TimeoutError):
+            await task
+        assert device.executed == device.issued

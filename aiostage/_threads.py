@@ -1,0 +1,70 @@
+"""Awaiting work that must finish even when the caller is cancelled.
+
+Two kinds of work in aiostage must never be abandoned half-way: a worker
+thread writing into a staging buffer or a file, and a cleanup step (waiting
+for queued device copies, removing a temporary file, releasing buffers).
+
+``anyio.to_thread.run_sync`` waits for its thread when the cancellation comes
+from an anyio cancel scope, but a plain ``asyncio.Task.cancel()`` (what
+``asyncio.timeout``, ``wait_for`` and ``Task.cancel`` do) makes it return at
+once while the thread runs on; an anyio shielded scope does not stop such a
+cancellation either.  A thread left running could write into a buffer its
+owner has reused, or through a file descriptor that cleanup has closed.
+
+:func:`uncancelled` runs an awaitable in its own task and keeps waiting for
+it through any number of cancellations, then re-raises the first one.
+:func:`run_sync` is that, around a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import anyio
+import anyio.to_thread
+
+__all__ = ["run_sync", "uncancelled"]
+
+T = TypeVar("T")
+
+
+async def uncancelled(awaitable: Awaitable[T]) -> T:
+    """Await ``awaitable`` to completion, whatever cancels the caller.
+
+    Cancellation:
+        Absorbed until ``awaitable`` has finished; then the first
+        cancellation is re-raised (its result or error is discarded).
+    """
+    step: asyncio.Future[T] = asyncio.ensure_future(awaitable)
+    cancelled: asyncio.CancelledError | None = None
+    while not step.done():
+        try:
+            await asyncio.shield(step)
+        except asyncio.CancelledError as exc:
+            cancelled = cancelled or exc  # keep waiting for the step
+        except BaseException:
+            if cancelled is None:
+                raise
+            break
+    if cancelled is not None:
+        if not step.cancelled():
+            step.exception()  # retrieved: superseded by the cancellation
+        raise cancelled
+    return step.result()
+
+
+async def run_sync(
+    func: Callable[..., T], *args: object, limiter: anyio.CapacityLimiter | None = None
+) -> T:
+    """Run ``func(*args)`` in a worker thread; return its result.
+
+    Cancellation:
+        The thread is always waited for (never abandoned); further
+        cancellations meanwhile are absorbed.  Once it has finished, the
+        first cancellation is re-raised and its result or error discarded.
+    """
+    call = functools.partial(func, *args)
+    return await uncancelled(anyio.to_thread.run_sync(call, limiter=limiter))
