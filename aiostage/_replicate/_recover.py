@@ -9,10 +9,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import anyio.to_thread
 import torch
 
 from aiostage._exceptions import CorruptCheckpointError, ReplicationError
+from aiostage._threads import run_sync
 
 __all__ = ["find_replica", "load_replica"]
 
@@ -90,7 +90,7 @@ async def load_replica(
     """
     from aiostage._load._reader import load
 
-    path = await anyio.to_thread.run_sync(find_replica, storage_dir, rank)
+    path = await run_sync(find_replica, storage_dir, rank)
     if not weights_only:
-        return await anyio.to_thread.run_sync(_load_trusted, path)
+        return await run_sync(_load_trusted, path)
     return await load(path, verify=verify, safe_globals=safe_globals)

@@ -22,7 +22,8 @@ One ``stage()``:
    returns it.
 
 Every blocking send, receive and wait runs in a worker thread
-(:func:`anyio.to_thread.run_sync`); the event loop stays responsive.
+(:func:`aiostage._threads.run_sync`, which never abandons its thread); the
+event loop stays responsive.
 """
 
 from __future__ import annotations
@@ -41,7 +42,6 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import anyio.to_thread
 import torch
 import torch.distributed as dist
 
@@ -51,6 +51,7 @@ from aiostage._replicate._transport import KIND_RECOVER, KIND_STAGE, Channel, En
 from aiostage._stage._engine import StateDictStager
 from aiostage._stage._plan import StagePlan
 from aiostage._stage._stagers import _StagerBase
+from aiostage._threads import run_sync, uncancelled
 
 __all__ = ["ReplicationStager", "partner_of", "replica_filename"]
 
@@ -283,8 +284,8 @@ class ReplicationStager(_StagerBase):
         rank, peer, me_global, peer_global = self._pair(group)
         self._check_channel(None)
         try:
-            staged = await anyio.to_thread.run_sync(self._engine.stage, state_dict)
-            enc = await anyio.to_thread.run_sync(_transport.encode, staged)
+            staged = await run_sync(self._engine.stage, state_dict)
+            enc = await run_sync(_transport.encode, staged)
         except Exception:
             # Keep the pair in step: tell the partner, which then fails at
             # once instead of waiting out its timeout.
@@ -324,7 +325,7 @@ class ReplicationStager(_StagerBase):
                 )
             # The skeleton can be built before any bytes land; the writer then
             # takes each storage as soon as it has arrived.
-            replica = await anyio.to_thread.run_sync(
+            replica = await run_sync(
                 functools.partial(
                     _transport.decode,
                     got.meta,
@@ -337,8 +338,10 @@ class ReplicationStager(_StagerBase):
             await exchange
             await writer
         except BaseException as exc:
-            with anyio.CancelScope(shield=True):
-                if isinstance(exc, asyncio.CancelledError):
+            was_cancelled = isinstance(exc, asyncio.CancelledError)
+
+            async def unwind() -> None:
+                if was_cancelled:
                     exchange.cancel()
                 # Otherwise (a bad message, a decode error) the exchange runs
                 # to its end, so the partner is not left waiting.
@@ -348,6 +351,8 @@ class ReplicationStager(_StagerBase):
                     if not writer.done():
                         writer.cancel()
                     await asyncio.wait([writer])
+
+            await uncancelled(unwind())
             for fut in (exchange, writer):
                 if fut is not None and fut.done() and not fut.cancelled():
                     fut.exception()  # retrieved: the first error is the one raised
@@ -381,7 +386,7 @@ class ReplicationStager(_StagerBase):
             channel.send(kind, enc, cancel, failed=failed)
             return got
 
-        task = asyncio.ensure_future(anyio.to_thread.run_sync(run))
+        task = asyncio.ensure_future(run_sync(run))
         try:
             return await asyncio.shield(task)
         except BaseException as exc:
@@ -389,8 +394,7 @@ class ReplicationStager(_StagerBase):
             # in flight (bounded by the timeout) before leaving, so it never
             # outlives the call.
             cancel.set()
-            with anyio.CancelScope(shield=True):
-                await asyncio.wait([task])
+            await uncancelled(asyncio.wait([task]))
             if mark_broken:
                 self._broken = f"{type(exc).__name__}: {exc}"
             raise
@@ -467,7 +471,7 @@ class ReplicationStager(_StagerBase):
             try:
                 held = await self._held(me_global, peer_global)
                 if held is not _NOTHING:
-                    enc = await anyio.to_thread.run_sync(_transport.encode, held)
+                    enc = await run_sync(_transport.encode, held)
                     self._meshes.update(enc.meshes)
             except Exception:
                 with contextlib.suppress(ReplicationError):
@@ -498,7 +502,7 @@ class ReplicationStager(_StagerBase):
                 )
             if got.meta is None:
                 return None
-            return await anyio.to_thread.run_sync(
+            return await run_sync(
                 functools.partial(
                     _transport.decode,
                     got.meta,
@@ -532,8 +536,7 @@ class ReplicationStager(_StagerBase):
         await super().close()
         cleanup = self._temp_cleanup
         if cleanup is not None and cleanup.alive:
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(cleanup)
+            await run_sync(cleanup)
 
     async def stage(self, state_dict: Any) -> Any:
         """Stage ``state_dict`` to CPU, swap it with the partner rank, persist the replica.

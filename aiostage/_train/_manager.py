@@ -36,11 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-import anyio
-import anyio.to_thread
-
 from aiostage._exceptions import CheckpointManagerError, PersistError
 from aiostage._load._reader import MapLocation, SafeGlobal, load
+from aiostage._threads import run_sync, uncancelled
 from aiostage._train import _manifest as mf
 
 if TYPE_CHECKING:
@@ -259,7 +257,7 @@ class CheckpointManager:
             name = mf.rank_file_name(self.rank, attempt)
             handle: SaveHandle | None = None
             try:
-                await anyio.to_thread.run_sync(_make_step_dir, sdir)
+                await run_sync(_make_step_dir, sdir)
                 handle = await self._stager.save(state, sdir / name, progress=progress)
             except Exception:
                 if self._group is not None:
@@ -282,7 +280,7 @@ class CheckpointManager:
         error: str | None = None
         if self.rank == 0:
             try:
-                self._dir_lock = await anyio.to_thread.run_sync(_lock_directory, self.directory)
+                self._dir_lock = await run_sync(_lock_directory, self.directory)
             except (CheckpointManagerError, OSError) as exc:
                 error = str(exc)
         if self._group is not None:
@@ -312,12 +310,11 @@ class CheckpointManager:
             return
         try:
             path = await handle.wait()
-            stats.nbytes = (await anyio.to_thread.run_sync(os.stat, path)).st_size
+            stats.nbytes = (await run_sync(os.stat, path)).st_size
         except asyncio.CancelledError:
             handle.cancel()
-            with anyio.CancelScope(shield=True):
-                with contextlib.suppress(BaseException):
-                    await handle.wait()
+            with contextlib.suppress(BaseException):
+                await uncancelled(handle.wait())
             raise
         except Exception as exc:
             local_error = exc
@@ -339,8 +336,7 @@ class CheckpointManager:
                     tuple(rep[2] for rep in reports),
                 )
                 try:
-                    with anyio.CancelScope(shield=True):
-                        await anyio.to_thread.run_sync(self._commit, sdir, manifest)
+                    await run_sync(self._commit, sdir, manifest)
                 except Exception as exc:
                     commit_error = exc
                     verdict = f"rank 0 could not write the manifest: {exc}"
@@ -420,7 +416,7 @@ class CheckpointManager:
             dist.all_gather_object(out, obj, group=self._group)
             return out
 
-        return await anyio.to_thread.run_sync(gather)
+        return await run_sync(gather)
 
     async def _broadcast(self, obj: Any) -> Any:
         import torch.distributed as dist
@@ -430,7 +426,7 @@ class CheckpointManager:
             dist.broadcast_object_list(box, group=self._group, group_src=0)
             return box[0]
 
-        return await anyio.to_thread.run_sync(broadcast)
+        return await run_sync(broadcast)
 
     async def _settle(self, *, raise_error: bool) -> None:
         """Wait for the in-flight save (lock held); raise its error once if asked."""
@@ -496,7 +492,7 @@ class CheckpointManager:
             if step is None:
                 chosen: int | None = None
                 if self.rank == 0:
-                    found = await anyio.to_thread.run_sync(self.steps)
+                    found = await run_sync(self.steps)
                     chosen = found[-1] if found else None
                 if self._group is not None:
                     chosen = await self._broadcast(chosen)
@@ -504,7 +500,7 @@ class CheckpointManager:
                     raise CheckpointManagerError(f"no complete checkpoint in {self.directory}")
                 step = chosen
             sdir = mf.step_dir(self.directory, step)
-            manifest = await anyio.to_thread.run_sync(mf.read_manifest, sdir, step)
+            manifest = await run_sync(mf.read_manifest, sdir, step)
         if manifest is None:
             raise CheckpointManagerError(
                 f"no complete checkpoint of step {step} in {self.directory}"
@@ -555,16 +551,14 @@ class CheckpointManager:
             if lock is not None:
                 os.close(lock)  # releases the flock
             if self._own_stager:
-                with anyio.CancelScope(shield=True):
-                    await self._stager.close()
+                await self._stager.close()  # itself finishes despite cancellation
 
     async def _cancel_inflight(self) -> None:
         task, self._inflight = self._inflight, None
         if task is None:
             return
         task.cancel()
-        with anyio.CancelScope(shield=True):
-            await asyncio.wait([task])
+        await uncancelled(asyncio.wait([task]))
         if not task.cancelled() and task.exception() is not None:
             logger.warning("checkpoint save failed while being cancelled: %s", task.exception())
 
@@ -593,7 +587,8 @@ class CheckpointManager:
         if exc_type is None:
             await self.close()
             return
-        with anyio.CancelScope(shield=True):
+
+        async def unwind() -> None:
             if issubclass(exc_type, asyncio.CancelledError):
                 await self._cancel_inflight()
             else:
@@ -604,6 +599,8 @@ class CheckpointManager:
                     if not task.cancelled() and task.exception() is not None:
                         logger.error("checkpoint save failed: %s", task.exception())
             await self.close()
+
+        await uncancelled(unwind())
 
 
 def _make_step_dir(sdir: Path) -> None:

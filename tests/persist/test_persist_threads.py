@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from aiostage._persist import _atomic
-from aiostage._threads import run_sync
 from aiostage._persist._writer import persist
+from aiostage._threads import run_sync
 
 MiB = 1024 * 1024
 
