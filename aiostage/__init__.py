@@ -23,29 +23,28 @@ from aiostage._exceptions import (
     UnsafeCheckpointError,
 )
 
-# --- stage ---
+# stage: traverse -> plan -> copy into CPU memory
 from aiostage._stage._engine import CacheInfo, StateDictStager
 from aiostage._stage._options import StagingOptions
 from aiostage._stage._stagers import AsyncStager, BlockingAsyncStager, DefaultStager
 
-# --- persist/load ---
-# isort: split
+# persist and load: torch.save-compatible, atomic, durable
 from aiostage._load._reader import load
 from aiostage._persist._handle import SaveHandle
 from aiostage._persist._writer import persist
 
-# --- replication ---
+# replication to a partner rank
 from aiostage._replicate._recover import find_replica, load_replica
 from aiostage._replicate._stager import ReplicationStager
 
-# --- training ---
-# isort: split
+# training-loop integration
 from aiostage._train._manager import CheckpointManager, SaveStats
 from aiostage._train._state import get_rng_state, get_state, set_rng_state, set_state
 
 __version__ = "0.1.0"
 
 __all__ = [
+    # errors
     "AiostageError",
     "CheckpointLoadError",
     "CheckpointManagerError",
@@ -56,22 +55,22 @@ __all__ = [
     "StagerClosedError",
     "StagingError",
     "UnsafeCheckpointError",
-    # --- stage ---
+    # stage
     "AsyncStager",
     "BlockingAsyncStager",
     "CacheInfo",
     "DefaultStager",
     "StagingOptions",
     "StateDictStager",
-    # --- persist/load ---
+    # persist and load
     "SaveHandle",
     "load",
     "persist",
-    # --- replication ---
+    # replication
     "ReplicationStager",
     "find_replica",
     "load_replica",
-    # --- training ---
+    # training loop
     "CheckpointManager",
     "SaveStats",
     "get_rng_state",

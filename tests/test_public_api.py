@@ -30,11 +30,22 @@ EXPECTED = {
     "SaveHandle",
     "persist",
     "load",
+    # replication
+    "ReplicationStager",
+    "find_replica",
+    "load_replica",
+    # training loop
+    "CheckpointManager",
+    "SaveStats",
+    "get_rng_state",
+    "get_state",
+    "set_rng_state",
+    "set_state",
 }
 
 
 def test_all_lists_the_public_names() -> None:
-    assert set(aiostage.__all__) >= EXPECTED
+    assert set(aiostage.__all__) == EXPECTED
     assert len(aiostage.__all__) == len(set(aiostage.__all__))
     for name in aiostage.__all__:
         assert hasattr(aiostage, name), name
@@ -56,7 +67,13 @@ def test_every_error_derives_from_the_root() -> None:
 
 
 def test_public_coroutines_document_cancellation() -> None:
-    targets = [aiostage.DefaultStager, aiostage.BlockingAsyncStager, aiostage.SaveHandle]
+    targets = [
+        aiostage.DefaultStager,
+        aiostage.BlockingAsyncStager,
+        aiostage.SaveHandle,
+        aiostage.ReplicationStager,
+        aiostage.CheckpointManager,
+    ]
     for cls in targets:
         for attr, member in inspect.getmembers(cls, inspect.iscoroutinefunction):
             if attr.startswith("_"):
