@@ -500,7 +500,7 @@ class CheckpointManager:
                     raise CheckpointManagerError(f"no complete checkpoint in {self.directory}")
                 step = chosen
             sdir = mf.step_dir(self.directory, step)
-            manifest = await run_sync(mf.read_manifest, sdir, step)
+            manifest = await mf.read_manifest_async(sdir, step)
         if manifest is None:
             raise CheckpointManagerError(
                 f"no complete checkpoint of step {step} in {self.directory}"

@@ -32,6 +32,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiofiles
+
+from aiostage._threads import run_sync
+
 __all__ = [
     "FORMAT",
     "MANIFEST",
@@ -39,7 +43,9 @@ __all__ = [
     "Scan",
     "fsync_dir",
     "rank_file_name",
+    "check_manifest",
     "read_manifest",
+    "read_manifest_async",
     "remove_step",
     "remove_unlisted",
     "scan",
@@ -90,8 +96,29 @@ def read_manifest(sdir: Path, step: int) -> Manifest | None:
     """The manifest of ``sdir`` if the step is complete, else ``None``."""
     try:
         raw = (sdir / MANIFEST).read_bytes()
+    except OSError:
+        return None
+    return check_manifest(sdir, step, raw)
+
+
+async def read_manifest_async(sdir: Path, step: int) -> Manifest | None:
+    """:func:`read_manifest` with the file read through aiofiles.
+
+    Cancellation: a read-only step; the file is closed and nothing is left.
+    """
+    try:
+        async with aiofiles.open(sdir / MANIFEST, "rb") as f:
+            raw = await f.read()
+    except OSError:
+        return None
+    return await run_sync(check_manifest, sdir, step, raw)
+
+
+def check_manifest(sdir: Path, step: int, raw: bytes) -> Manifest | None:
+    """Parse a manifest and check the files it lists; ``None`` if incomplete."""
+    try:
         data = json.loads(raw)
-    except (OSError, ValueError):
+    except ValueError:
         return None
     try:
         if data["format"] != FORMAT or data["version"] != VERSION or data["step"] != step:
