@@ -18,8 +18,10 @@ Sections (``--only`` picks one):
 - ``save``:    raw write vs stage()+persist() back to back vs pipelined save().
 - ``load``:    torch.load (what aiostage.load runs) against reading the same
                bytes into fresh and into touched buffers.
-- ``rss``:     tracemalloc diff of Python allocations between save 5 and the
-               last of N saves (what grows, if anything).
+- ``rss``:     RSS over N steps in fresh processes: tensors replaced without
+               aiostage, with stage(), with save(), and with save() under a
+               pinned glibc mmap threshold; then a tracemalloc diff of Python
+               allocations between save 5 and the last of N saves.
 """
 
 from __future__ import annotations
@@ -349,6 +351,70 @@ async def section_load(args: argparse.Namespace) -> None:
     _ = IO_CHUNK
 
 
+def rss_child(mode: str, size_gib: float, saves: int, directory: str) -> list[int]:
+    """In this (child) process: RSS (MiB) after each of ``saves`` steps that
+    replace 20 of 200 tensors every 5 steps; ``mode`` is what each step does
+    with aiostage: nothing, ``stage()`` or ``save()``+``wait()``."""
+    from run import rss_bytes
+
+    async def go() -> list[int]:
+        total = max(8 * MIB, int(size_gib * GIB / 8))
+        state = make_state_a(total, torch.device("cpu"))
+        keys = list(state)
+        stager = aiostage.DefaultStager()
+        out = []
+        for step in range(saves):
+            if step and step % 5 == 0:
+                for k in keys[(step // 5) * 20 % len(keys) :][:20]:
+                    state[k] = torch.full_like(state[k], float(step))
+            if mode == "stage":
+                await stager.stage(state)
+            elif mode == "save":
+                await (await stager.save(state, Path(directory) / "prof-rss-child.pt")).wait()
+            out.append(rss_bytes() // MIB)
+        await stager.close()
+        return out
+
+    return asyncio.run(go())
+
+
+def section_rss_modes(args: argparse.Namespace) -> None:
+    """RSS growth with and without aiostage, and with glibc's dynamic mmap
+    threshold pinned (MALLOC_MMAP_THRESHOLD_), each in a fresh process."""
+    import json
+    import subprocess
+
+    runs = [
+        ("replace tensors only (no aiostage)", "none", {}),
+        ("stage() each step", "stage", {}),
+        ("save() each step", "save", {}),
+        (
+            "save() each step, MALLOC_MMAP_THRESHOLD_=131072",
+            "save",
+            {"MALLOC_MMAP_THRESHOLD_": "131072"},
+        ),
+    ]
+    for label, mode, env in runs:
+        here = str(Path(__file__).resolve().parent)
+        call = f"p.rss_child({mode!r}, {args.size_gib!r}, {args.saves!r}, {args.dir!r})"
+        code = (
+            f"import json, sys; sys.path.insert(0, {here!r}); import profile_aiostage as p; "
+            f"print('RSS', json.dumps({call}))"
+        )
+        proc = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=os.environ | env
+        )
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RSS ")), None)
+        if line is None:
+            print(f"   {label}: failed\n{proc.stderr[-2000:]}")
+            continue
+        rss = json.loads(line[4:])
+        print(
+            f"== RSS, {label}: after 5 steps {rss[4]} MiB, last {rss[-1]} MiB "
+            f"(+{rss[-1] - rss[4]} MiB); every 5th: {rss[::5]}"
+        )
+
+
 async def section_rss(args: argparse.Namespace) -> None:
     total = max(8 * MIB, int(args.size_gib * GIB / 8))
     state = make_state_a(total, torch.device("cpu"))
@@ -401,6 +467,7 @@ async def main() -> None:
     if args.only in (None, "load"):
         await section_load(args)
     if args.only in (None, "rss"):
+        section_rss_modes(args)
         await section_rss(args)
 
 

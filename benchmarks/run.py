@@ -165,6 +165,25 @@ def remove(path: Path) -> None:
         path.unlink()
 
 
+def settle(fn: Callable[[], Any], max_runs: int = 15) -> list[float]:
+    """Run ``fn`` until two runs in a row are within 20% of the best so far.
+
+    On the VMs this runs on, copies into freshly allocated memory stay slow
+    (up to 10x) for a few seconds after the first touch; limits measured in
+    that window would flatter everything compared with them.
+    """
+    times: list[float] = []
+    good = 0
+    for _ in range(max_runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        good = good + 1 if times[-1] <= 1.2 * min(times) and len(times) > 1 else 0
+        if good >= 2:
+            break
+    return times
+
+
 # --- raw limits -----------------------------------------------------------------
 
 
@@ -307,9 +326,9 @@ class Bench:
         nbytes = state_bytes(state)
         buf = host_buffer(nbytes, self.device)
         views = flat_views(buf, state)
-        memcpy_all(views, state, self.device)  # touch once
         path = self.dir / f"raw-{tag}.bin"
         rbuf = host_buffer(nbytes, torch.device("cpu"))
+        self.info[f"{tag}.memcpy_settle_s"] = settle(lambda: memcpy_all(views, state, self.device))
 
         def timed(fn: Callable[[], Any], setup: Callable[[], Any] | None = None) -> float:
             if setup is not None:
