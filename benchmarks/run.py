@@ -165,21 +165,21 @@ def remove(path: Path) -> None:
         path.unlink()
 
 
-def settle(fn: Callable[[], Any], max_runs: int = 15) -> list[float]:
-    """Run ``fn`` until two runs in a row are within 20% of the best so far.
+def settle(fn: Callable[[], Any], min_runs: int = 5, max_runs: int = 30) -> list[float]:
+    """Run ``fn`` until the last three runs are within 20% of the best so far
+    (at least ``min_runs`` runs).
 
     On the VMs this runs on, copies into freshly allocated memory stay slow
     (up to 10x) for a few seconds after the first touch; limits measured in
     that window would flatter everything compared with them.
     """
     times: list[float] = []
-    good = 0
     for _ in range(max_runs):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-        good = good + 1 if times[-1] <= 1.2 * min(times) and len(times) > 1 else 0
-        if good >= 2:
+        best = min(times)
+        if len(times) >= min_runs and all(t <= 1.2 * best for t in times[-3:]):
             break
     return times
 
