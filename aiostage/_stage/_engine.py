@@ -73,18 +73,47 @@ def _allocate(nbytes: int, *, shared: bool, pinned_alloc: bool) -> torch.Untyped
     return torch.UntypedStorage(nbytes)
 
 
+class _KeyedRef(weakref.ref[Any]):
+    """A weak reference that remembers its dict key (one object per entry,
+    with one shared callback per cache, instead of a closure per entry)."""
+
+    __slots__ = ("key",)
+    key: int
+
+    def __new__(cls, obj: Any, callback: Any, key: int) -> _KeyedRef:
+        self = super().__new__(cls, obj, callback)
+        self.key = key
+        return self
+
+    def __init__(self, obj: Any, callback: Any, key: int) -> None:
+        super().__init__(obj, callback)  # type: ignore[call-arg]
+
+
 class _StorageCache:
     """Staging storages keyed weakly by their source storage.
 
-    An entry disappears as soon as its source storage is freed.  Lookups are
-    a plain dict access on the storage's identity, which matters for states
-    of tens of thousands of tensors.
+    An entry disappears as soon as its source storage is freed.  Its staging
+    storage is then kept as a *spare* of its size until the end of the next
+    plan, which takes spares before allocating: a run that replaces tensors by
+    new ones of the same shape reuses memory that is already touched (no page
+    faults), and does not churn the allocator (freed large blocks that glibc
+    keeps in its heap would otherwise make RSS creep up save after save).
+
+    Lookups are a plain dict access on the storage's identity, which matters
+    for states of tens of thousands of tensors.  The weakref callback may run
+    in any thread; it only does single dict/list operations.
     """
 
     def __init__(self) -> None:
-        self._entries: dict[
-            int, tuple[weakref.ref[torch.UntypedStorage], torch.UntypedStorage]
-        ] = {}
+        self._entries: dict[int, tuple[_KeyedRef, torch.UntypedStorage]] = {}
+        self._spares: dict[int, list[torch.UntypedStorage]] = {}
+
+    def _dead(self, ref: _KeyedRef) -> None:
+        current = self._entries.get(ref.key)
+        if current is not None and current[0] is ref:
+            del self._entries[ref.key]
+            dst = current[1]
+            self._spares.setdefault(dst.nbytes(), []).append(dst)
 
     def get(self, src: torch.UntypedStorage) -> torch.UntypedStorage | None:
         entry = self._entries.get(src._cdata)
@@ -94,31 +123,38 @@ class _StorageCache:
 
     def put(self, src: torch.UntypedStorage, dst: torch.UntypedStorage) -> None:
         key = src._cdata
-        entries = self._entries
-
-        def drop(ref: weakref.ref[torch.UntypedStorage]) -> None:
-            current = entries.get(key)
-            if current is not None and current[0] is ref:
-                del entries[key]
-
-        entries[key] = (weakref.ref(src, drop), dst)
+        self._entries[key] = (_KeyedRef(src, self._dead, key), dst)
 
     def pop(self, src: torch.UntypedStorage) -> None:
         entry = self._entries.get(src._cdata)
         if entry is not None and entry[0]() is src:
             del self._entries[src._cdata]
 
+    def spare(self, nbytes: int) -> torch.UntypedStorage | None:
+        """A retired staging storage of exactly ``nbytes``, if one is kept."""
+        spares = self._spares.get(nbytes)
+        if spares:
+            try:
+                return spares.pop()
+            except IndexError:  # emptied by another thread meanwhile
+                return None
+        return None
+
+    def drop_spares(self) -> None:
+        self._spares = {}
+
     def storages(self) -> list[torch.UntypedStorage]:
         return [dst for _, dst in list(self._entries.values())]
 
     def clear(self) -> None:
         self._entries.clear()
+        self._spares = {}
 
 
 class _TensorEntry(NamedTuple):
     """What a staged tensor was built from, to reuse it when nothing changed."""
 
-    ref: weakref.ref[torch.Tensor]
+    ref: _KeyedRef
     src_key: int
     dst_key: int
     dtype: torch.dtype
@@ -126,31 +162,9 @@ class _TensorEntry(NamedTuple):
     size: torch.Size
     stride: tuple[int, ...]
     requires_grad: bool
-    plain: torch.Tensor
+    plain: torch.Tensor | None  # None when it is ``staged`` itself
     staged: torch.Tensor
     whole: bool
-
-    @staticmethod
-    def of(
-        t: torch.Tensor,
-        src: torch.UntypedStorage,
-        dst: torch.UntypedStorage,
-        plain: torch.Tensor,
-        staged: torch.Tensor,
-        whole: bool,
-    ) -> tuple[Any, ...]:
-        return (
-            src._cdata,
-            dst._cdata,
-            t.dtype,
-            t.storage_offset(),
-            t.size(),
-            t.stride(),
-            t.requires_grad,
-            plain,
-            staged,
-            whole,
-        )
 
 
 class _TensorCache:
@@ -166,22 +180,40 @@ class _TensorCache:
     def __init__(self) -> None:
         self._entries: dict[int, _TensorEntry] = {}
 
+    def _dead(self, ref: _KeyedRef) -> None:
+        current = self._entries.get(ref.key)
+        if current is not None and current.ref is ref:
+            del self._entries[ref.key]
+
     def get(self, t: torch.Tensor) -> _TensorEntry | None:
         entry = self._entries.get(id(t))
         if entry is not None and entry.ref() is t:
             return entry
         return None
 
-    def put(self, t: torch.Tensor, fields: tuple[Any, ...]) -> None:
+    def put(
+        self,
+        t: torch.Tensor,
+        src: torch.UntypedStorage,
+        dst: torch.UntypedStorage,
+        plain: torch.Tensor,
+        staged: torch.Tensor,
+        whole: bool,
+    ) -> None:
         key = id(t)
-        entries = self._entries
-
-        def drop(ref: weakref.ref[torch.Tensor]) -> None:
-            current = entries.get(key)
-            if current is not None and current.ref is ref:
-                del entries[key]
-
-        entries[key] = _TensorEntry(weakref.ref(t, drop), *fields)
+        self._entries[key] = _TensorEntry(
+            _KeyedRef(t, self._dead, key),
+            src._cdata,
+            dst._cdata,
+            t.dtype,
+            int(t.storage_offset()),
+            t.size(),
+            t.stride(),
+            t.requires_grad,
+            None if plain is staged else plain,
+            staged,
+            whole,
+        )
 
     def clear(self) -> None:
         self._entries.clear()
@@ -315,11 +347,13 @@ class StateDictStager:
             fresh = dst is None or dst.nbytes() != nbytes
             if fresh:
                 pin = self.pin_memory and nbytes >= self.pin_memory_min_bytes
-                dst = _allocate(
-                    nbytes,
-                    shared=self.share_memory,
-                    pinned_alloc=pin and not self._cuda_pinning,
-                )
+                dst = cache.spare(nbytes)
+                if dst is None or dst.is_shared() != self.share_memory:
+                    dst = _allocate(
+                        nbytes,
+                        shared=self.share_memory,
+                        pinned_alloc=pin and not self._cuda_pinning,
+                    )
                 if cache.get(src) is None:
                     new_entries.append(src)
                 cache.put(src, dst)
@@ -352,7 +386,8 @@ class StateDictStager:
                     if dst._cdata == entry.dst_key:
                         index, created[0] = created[0], -1
                         if index >= 0 and entry.whole:
-                            whole[index] = (t, entry.plain)
+                            plain = entry.staged if entry.plain is None else entry.plain
+                            whole[index] = (t, plain)
                         return entry.staged
             src = check_stageable(t, path)
             dst = storage_for(src, path)
@@ -369,7 +404,7 @@ class StateDictStager:
             if dense:
                 whole[index] = (t, plain)
             if not getattr(t, "__dict__", None):
-                tensors.put(t, _TensorEntry.of(t, src, dst, plain, staged, dense))
+                tensors.put(t, src, dst, plain, staged, dense)
             return staged
 
         traversal = Traversal(stage_tensor, type_check=type_check, budget_s=budget_s)
@@ -379,6 +414,8 @@ class StateDictStager:
             for src in new_entries:
                 cache.pop(src)
             raise
+        finally:
+            cache.drop_spares()  # spares not taken by this plan are freed
         return StagePlan(result, requests, new_entries, whole, by_dst)
 
     def commit(self, plan: StagePlan) -> None:

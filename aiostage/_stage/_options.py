@@ -49,8 +49,8 @@ class StagingOptions:
             (pinning has a fixed cost per allocation).
         chunk_bytes: size of one unit of copy work.  Large storages are split
             into chunks of this size; small ones are batched up to it.
-        copy_threads: worker threads copying at once on CPU (default: the
-            number of CPUs, at most 4).
+        copy_threads: worker threads copying at once on CPU (default: one
+            less than the number of CPUs, at least 1 and at most 4).
     """
 
     use_pinned_memory: bool | None = None
@@ -90,4 +90,6 @@ class StagingOptions:
         """The number of CPU copy threads (resolving ``None``)."""
         if self.copy_threads is not None:
             return self.copy_threads
-        return max(1, min(4, os.cpu_count() or 1))
+        # Leave a core to the event loop: on small machines a busy copy
+        # thread per core shows up as loop lag (GIL hand-offs after wake-up).
+        return max(1, min(4, (os.cpu_count() or 1) - 1))

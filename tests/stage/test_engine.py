@@ -407,3 +407,29 @@ def test_transposed_view_reuse_keeps_geometry() -> None:
     sd["t"] = base  # same storage, different geometry, different tensor object
     out = stager.stage(sd)
     assert out["t"].shape == (3, 5) and torch.equal(out["t"], base)
+
+
+def test_replaced_tensors_reuse_retired_staging_storages() -> None:
+    stager = StateDictStager()
+    sd = {"a": torch.randn(1000), "b": torch.randn(10)}
+    first = stager.stage(sd)
+    old_ptr = first["a"].untyped_storage().data_ptr()
+    del first
+    sd["a"] = torch.randn(1000)  # the old source storage dies
+    gc.collect()
+    second = stager.stage(sd)
+    # Same size: the retired staging storage is taken instead of a new one.
+    assert second["a"].untyped_storage().data_ptr() == old_ptr
+    assert torch.equal(second["a"], sd["a"])
+    assert stager.cache_info() == CacheInfo(2, 4040)
+
+
+def test_unused_spares_are_released_after_the_next_stage() -> None:
+    stager = StateDictStager()
+    sd = {"a": torch.randn(1000)}
+    stager.stage(sd)
+    del sd["a"]
+    gc.collect()
+    stager.stage(sd)
+    assert stager.cache_info() == CacheInfo(0, 0)
+    assert stager._cache._spares == {}
