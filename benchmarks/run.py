@@ -231,7 +231,14 @@ class Bench:
         self.phases: dict[str, Phase] = {}
         self.refs: dict[str, Callable[[], float]] = {}
         self.bufs: dict[str, torch.Tensor] = {}
+        # every measurement of a limit, its own phase's and the paired ones
+        self.ref_samples: dict[str, list[float]] = {}
         self.info: dict[str, Any] = {}
+
+    def limit_gbps(self, key: str) -> float:
+        """A limit's throughput from the median of all its samples in this run."""
+        ph = self.phases[key]
+        return ph.nbytes / statistics.median(ph.times + self.ref_samples.get(key, [])) / 1e9
 
     def log(self, msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
@@ -310,6 +317,7 @@ class Bench:
             ref_times.append(self.refs[paired]())
             ph.extra["paired_ref"] = paired
             ph.extra["paired_ref_s"] = ref_times
+            self.ref_samples.setdefault(paired, []).extend(ref_times)
             # >1 means aiostage took longer than its limit around the same time
             ph.extra["paired_time_ratio"] = statistics.median(
                 t / ((r0 + r1) / 2)
@@ -910,7 +918,7 @@ def print_table(b: Bench, targets: list[dict[str, Any]]) -> None:
         if "paired_time_ratio" in ph.extra:
             ratio = f"{paired_throughput(ph):.2f}p"
         elif ref:
-            ratio = f"{ph.gbps / b.phases[ref].gbps:.2f}"
+            ratio = f"{ph.gbps / b.limit_gbps(ref):.2f}"
         lag_max = lag_p99 = rss = gcmax = ""
         if "gc_max_ms" in ph.extra:
             gcmax = f"{ph.extra['gc_max_ms']:.0f}"
@@ -923,9 +931,14 @@ def print_table(b: Bench, targets: list[dict[str, Any]]) -> None:
             f"{ph.name[:52]:52s} {ph.median:9.3f} {min(ph.times):7.3f} {max(ph.times):7.3f} "
             f"{ph.gbps:6.2f} {ratio:>8s} {lag_max:>8s} {lag_p99:>6s} {gcmax:>6s} {rss:>8s}"
         )
+    print("\nlimits, median over all their samples in this run (own rows + paired):")
+    for key in b.ref_samples:
+        n = len(b.phases[key].times) + len(b.ref_samples[key])
+        print(f"  {b.phases[key].name}: {b.limit_gbps(key):.2f} GB/s over {n} samples")
     print(
         "\n'x limit' = throughput / the matching limit of the same run (memcpy for stage, "
-        "raw write+fsync for writers, raw read for loads); 'p' = median of per-repeat ratios "
+        "raw write+fsync for writers, raw read for loads; unpaired rows use the limit's "
+        "median over all its samples); 'p' = median of per-repeat ratios "
         "with the limit re-measured around each repeat; lag and gc max (longest garbage "
         "collection) in ms; RSS+ = peak RSS growth during the call."
     )
@@ -1015,6 +1028,7 @@ async def amain(args: argparse.Namespace) -> int:
     b.info["loadavg_end"] = os.getloadavg()
     targets = evaluate(b)
     print_table(b, targets)
+    b.info["limits_all_samples_gbps"] = {k: b.limit_gbps(k) for k in b.ref_samples}
     out = {
         "info": b.info,
         "phases": {k: ph.to_json() for k, ph in b.phases.items()},
