@@ -8,11 +8,14 @@ never abandons a thread, even on a plain ``Task.cancel()``):
 2. create the temp file next to the target, removing stale temps first;
 3. write the pickle and metadata records in one go;
 4. for each storage: await ``wait_ready(storage)``, then write its bytes in
-   large chunks straight from the storage's memory (no copy) while a second
-   thread computes the chunk's CRC-32 from the same memory, then its local
-   header; small storages share one thread hop;
-5. write the trailing records and the central directory;
-6. fsync, close, ``os.replace`` over the target, fsync the directory.
+   large chunks straight from the storage's memory (no copy); small storages
+   share one thread hop.  Behind the writer, one CRC thread folds each
+   written chunk into its record's CRC-32 and writes the record's local
+   header once the record is complete;
+5. ``fdatasync`` the data while the last CRCs finish, then write the
+   trailing records and the central directory (which carry the CRCs);
+6. fsync (a few KiB are left dirty), close, ``os.replace`` over the target,
+   fsync the directory.
 
 The event loop thread only schedules these steps and calls ``progress``.
 """
@@ -100,49 +103,46 @@ def _crc_pieces(batch: list[_Piece]) -> None:
 
 
 def _crc_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """One thread, shared: CRC jobs of a record run in submission order."""
     global _CRC_POOL
     with _CRC_POOL_LOCK:
         if _CRC_POOL is None:
             _CRC_POOL = concurrent.futures.ThreadPoolExecutor(
-                max_workers=4, thread_name_prefix="aiostage-crc"
+                max_workers=1, thread_name_prefix="aiostage-crc"
             )
         return _CRC_POOL
 
 
 _CRC_POOL: concurrent.futures.ThreadPoolExecutor | None = None
 _CRC_POOL_LOCK = threading.Lock()
-_PARALLEL_CRC_MIN_BYTES = 1024 * 1024
 
 
 def _write_batch(fd: int, batch: list[_Piece]) -> None:
-    """Write one batch of pieces, with their CRCs, then finished records' headers.
+    """Write one batch of pieces' bytes (in a worker thread).  No CRC here."""
+    for piece in batch:
+        if piece.end > piece.start:
+            view = _storage_view(piece.rec.storage)[piece.start : piece.end]
+            _atomic.write_all(fd, view, piece.rec.data_offset + piece.start)
 
-    Runs in a worker thread.  For a large batch the CRC-32 is computed by a
-    second thread while this one writes the same bytes (both release the
-    GIL), so checksumming costs no extra wall time on a multi-core machine;
-    this call returns only once both are done, so no thread touches the
-    storage afterwards.
+
+def _crc_batch(fd: int, batch: list[_Piece]) -> None:
+    """Fold a written batch into its records' CRC-32s, then write the local
+    header of each record this batch finishes (it carries the CRC).
+
+    Runs on the CRC thread, behind the writer: the CRC of the data overlaps
+    the writing of the next batches and the data's fdatasync.
     """
-    nbytes = sum(p.end - p.start for p in batch)
-    if nbytes >= _PARALLEL_CRC_MIN_BYTES:
-        crc_done = _crc_pool().submit(_crc_pieces, batch)
-        try:
-            for piece in batch:
-                if piece.end > piece.start:
-                    view = _storage_view(piece.rec.storage)[piece.start : piece.end]
-                    _atomic.write_all(fd, view, piece.rec.data_offset + piece.start)
-        finally:
-            concurrent.futures.wait([crc_done])
-        crc_done.result()
-    else:
-        for piece in batch:
-            if piece.end > piece.start:
-                view = _storage_view(piece.rec.storage)[piece.start : piece.end]
-                _atomic.write_all(fd, view, piece.rec.data_offset + piece.start)
-        _crc_pieces(batch)
+    _crc_pieces(batch)
     for piece in batch:
         if piece.end == piece.rec.nbytes:
             _atomic.write_all(fd, _archive.local_header(piece.rec), piece.rec.header_offset)
+
+
+def _wait_all(futures: list[concurrent.futures.Future[None]]) -> None:
+    """Wait for every future, then raise the first error among them."""
+    concurrent.futures.wait(futures)
+    for future in futures:
+        future.result()
 
 
 def _prepare(obj: object, force_zip64: bool) -> _archive.ArchivePlan:
@@ -246,6 +246,7 @@ async def persist(
     target = Path(os.fspath(path))
     step = "pickling the state"
     temp = _Temp()
+    crcs: list[concurrent.futures.Future[None]] = []
     try:
         plan = await run_sync(_prepare, obj, _force_zip64)
         total = plan.payload_bytes
@@ -262,9 +263,17 @@ async def persist(
                     if piece.start == 0:
                         await wait_ready(piece.rec.storage)
             await run_sync(_write_batch, fd, batch)
+            crcs.append(_crc_pool().submit(_crc_batch, fd, batch))
             done += sum(p.end - p.start for p in batch)
             if progress is not None:
                 progress(done, total)
+        # The data goes to disk while the last CRCs (and their local headers)
+        # finish; then the central directory, and a final short fsync.
+        step = "flushing the checkpoint to disk (fsync)"
+        await run_sync(os.fdatasync, fd)
+        step = "checksumming the checkpoint"
+        await run_sync(_wait_all, crcs)
+        step = "writing the checkpoint"
         await run_sync(_atomic.write_all, fd, plan.tail_bytes(), plan.tail_offset)
         step = "flushing the checkpoint to disk (fsync)"
         await run_sync(os.fsync, fd)
@@ -275,9 +284,16 @@ async def persist(
         step = "flushing the directory (fsync); the new checkpoint is in place"
         await run_sync(_atomic.fsync_dir, target.parent)
     except BaseException as exc:
-        if temp.fd is not None or temp.path is not None:
+
+        def cleanup() -> None:
+            # The CRC thread reads the storages and writes through the fd:
+            # let it finish before the fd is closed and the caller returns.
+            concurrent.futures.wait(crcs)
+            temp.discard()
+
+        if crcs or temp.fd is not None or temp.path is not None:
             # run_sync finishes the cleanup even if cancelled again meanwhile.
-            await run_sync(temp.discard)
+            await run_sync(cleanup)
         if isinstance(exc, OSError):
             raise PersistError(
                 f"{step} failed ({exc.strerror or exc})", path=target, errno=exc.errno
