@@ -42,7 +42,14 @@ async def uncancelled(awaitable: Awaitable[T]) -> T:
     cancelled: asyncio.CancelledError | None = None
     while not step.done():
         try:
-            await asyncio.shield(step)
+            if cancelled is None:
+                await asyncio.shield(step)
+            else:
+                # An anyio cancel scope re-delivers its cancellation on every
+                # loop iteration; a shielded scope stops that (a plain
+                # Task.cancel() still gets through and is absorbed here).
+                with anyio.CancelScope(shield=True):
+                    await asyncio.shield(step)
         except asyncio.CancelledError as exc:
             cancelled = cancelled or exc  # keep waiting for the step
         except BaseException:

@@ -167,6 +167,27 @@ class _TensorEntry(NamedTuple):
     whole: bool
 
 
+def _untouched(entry: _TensorEntry) -> bool:
+    """Whether the cached staged tensor still is what was built.
+
+    A caller may have changed a staged result in place (``unsqueeze_``,
+    ``t_``, ``requires_grad_``, an attribute): such a tensor is rebuilt
+    rather than handed out again.
+    """
+    for y in (entry.staged, entry.plain):
+        if y is None:
+            continue
+        if (
+            y.size() != entry.size
+            or y.stride() != entry.stride
+            or y.storage_offset() != entry.offset
+            or y.untyped_storage()._cdata != entry.dst_key
+            or getattr(y, "__dict__", None)
+        ):
+            return False
+    return entry.staged.requires_grad == entry.requires_grad
+
+
 class _TensorCache:
     """Staged tensor objects keyed weakly by their source tensor.
 
@@ -383,7 +404,7 @@ class StateDictStager:
                     and t.requires_grad == entry.requires_grad
                 ):
                     dst = storage_for(src, path)
-                    if dst._cdata == entry.dst_key:
+                    if dst._cdata == entry.dst_key and _untouched(entry):
                         index, created[0] = created[0], -1
                         if index >= 0 and entry.whole:
                             plain = entry.staged if entry.plain is None else entry.plain

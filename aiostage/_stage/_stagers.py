@@ -129,14 +129,21 @@ class _StagerBase:
     ) -> Path:
         """Write a staged state durably and atomically to ``path``.
 
-        See :func:`aiostage.persist`.
+        See :func:`aiostage.persist`.  The write holds this stager's turn, so
+        a ``stage()`` issued meanwhile waits instead of refreshing the buffers
+        the writer reads.  (Module-level :func:`aiostage.persist` of a staged
+        state does not know the stager: do not stage again until it returns.)
 
         Cancellation: the write stops after its chunk in flight, the
         temporary file is removed, and the previous checkpoint stays.
         """
         from aiostage._persist._writer import persist
 
-        return await persist(staged, path, progress=progress)
+        await self._acquire()
+        try:
+            return await persist(staged, path, progress=progress)
+        finally:
+            self._turn.release()
 
     async def save(
         self, state_dict: Any, path: str | os.PathLike[str], *, progress: Progress | None = None

@@ -433,3 +433,16 @@ def test_unused_spares_are_released_after_the_next_stage() -> None:
     stager.stage(sd)
     assert stager.cache_info() == CacheInfo(0, 0)
     assert stager._cache._spares == {}
+
+
+def test_staged_results_changed_in_place_are_not_handed_out_again() -> None:
+    stager = StateDictStager()
+    sd = {"w": torch.arange(6.0), "m": torch.arange(6.0).reshape(2, 3)}
+    first = stager.stage(sd)
+    first["w"].unsqueeze_(0)
+    first["m"].t_()
+    first["m"].note = "mine"  # type: ignore[attr-defined]
+    second = stager.stage(sd)
+    assert second["w"].shape == (6,) and torch.equal(second["w"], sd["w"])
+    assert second["m"].shape == (2, 3) and torch.equal(second["m"], sd["m"])
+    assert not hasattr(second["m"], "note")

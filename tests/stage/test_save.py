@@ -166,3 +166,21 @@ async def test_blocking_stager_save(tmp_path: Path) -> None:
         handle = await stager.save(sd, tmp_path / "ckpt.pt")
         await handle.wait()
     assert_loaded_equals(tmp_path / "ckpt.pt", sd)
+
+
+async def test_persist_holds_the_turn_so_stage_cannot_refresh_its_buffers(
+    tmp_path: Path,
+) -> None:
+    sd = make_state(n=16)
+    expected = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in sd.items()}
+    async with DefaultStager() as stager:
+        staged = await stager.stage(sd)
+        writing = asyncio.create_task(stager.persist(staged, tmp_path / "ckpt.pt"))
+        await asyncio.sleep(0)  # the write takes the turn
+        for value in sd.values():
+            if isinstance(value, torch.Tensor):
+                value.add_(1)
+        await stager.stage(sd)  # waits for the write to finish
+        assert writing.done()
+        await writing
+    assert_loaded_equals(tmp_path / "ckpt.pt", expected)
