@@ -5,15 +5,20 @@ only rebuild tensors, containers and primitive types, plus classes the caller
 allow-lists with ``safe_globals``; it can never run arbitrary code.
 
 The work is a few worker-thread steps (``anyio`` worker threads, never
-abandoned even on a plain ``Task.cancel()``): open and check the archive's directory,
-optionally verify every record's CRC-32 in chunks, then ``torch.load``.
+abandoned even on a plain ``Task.cancel()``): open and check the archive's directory
+(each entry against its local header), optionally verify every record's
+CRC-32 in chunks, then ``torch.load``.
 """
 
 from __future__ import annotations
 
 import errno
+import inspect
 import os
 import pickle
+import re
+import stat
+import struct
 import threading
 import zipfile
 import zlib
@@ -35,8 +40,27 @@ __all__ = ["VERIFY_CHUNK_BYTES", "load", "verify_records"]
 VERIFY_CHUNK_BYTES = 16 * 1024 * 1024
 """Bytes read (and checksummed) by one worker-thread step of verification."""
 
-_LOCAL_HEADER_LEN = 30
+_LOCAL_FMT = struct.Struct("<IHHHHHIIIHH")  # 30 bytes
 _LOCAL_SIG = b"PK\x03\x04"
+_DESCRIPTOR_SIG = b"PK\x07\x08"
+_ZIP64_ID = 0x0001
+_U32_MAX = 0xFFFFFFFF
+_DESCRIPTOR_FLAG = 0x0008
+_UTF8_FLAG = 0x0800
+_ALLOWED_FLAGS = _DESCRIPTOR_FLAG | _UTF8_FLAG
+_DOS_VOLUME = 0x08
+_DOS_DIR = 0x10
+
+# What zipfile raises on a directory it cannot parse (bad sizes, names, extras).
+_ZIP_ERRORS = (
+    zipfile.BadZipFile,
+    ValueError,
+    EOFError,
+    NotImplementedError,
+    struct.error,
+    LookupError,
+    OverflowError,
+)
 
 MapLocation = str | torch.device | dict[str, str] | Callable[..., Any] | None
 Progress = Callable[[int, int], None]
@@ -53,31 +77,134 @@ class _Entry:
     data_offset: int
     size: int
     crc: int
-    stored: bool
+
+
+def _check_progress(progress: object) -> None:
+    """Reject a ``progress`` that could never run: ``async def`` ones are
+    called on the loop but their coroutines never awaited."""
+    if progress is None:
+        return
+    if not callable(progress):
+        raise TypeError(f"progress must be callable as progress(done, total), got {progress!r}")
+    if inspect.iscoroutinefunction(progress) or inspect.iscoroutinefunction(
+        getattr(progress, "__call__", None)  # noqa: B004 - an async __call__
+    ):
+        raise TypeError(
+            "progress must be a plain function called as progress(done, total) on the "
+            "event loop; an async def callback would never run"
+        )
+
+
+def _corrupt(path: str, message: str, info: zipfile.ZipInfo) -> CorruptCheckpointError:
+    return CorruptCheckpointError(message, path=path, record=info.filename)
+
+
+def _check_central(path: str, info: zipfile.ZipInfo) -> None:
+    """Reject central-directory fields that no ``torch.save`` record carries.
+
+    ``torch.load`` (miniz) trusts more of the directory than the CRC covers:
+    a record whose MS-DOS directory bit is set, say, is read as a directory
+    and its storage left uninitialised.  ``torch.save`` writes flags 0x0808
+    (data descriptor, UTF-8 names), aiostage writes 0; both store
+    uncompressed and leave the attributes zero.
+    """
+    if info.filename != info.orig_filename:  # a NUL byte in the name
+        raise _corrupt(path, "record name holds a NUL byte", info)
+    if info.is_dir() or info.external_attr & (_DOS_DIR | _DOS_VOLUME):
+        raise _corrupt(path, "record is marked as a directory", info)
+    mode = info.external_attr >> 16
+    if mode and not stat.S_ISREG(mode):
+        raise _corrupt(
+            path, f"unexpected file attributes {info.external_attr:#010x} (not a file)", info
+        )
+    if info.flag_bits & ~_ALLOWED_FLAGS:
+        raise _corrupt(
+            path, f"unexpected flag bits {info.flag_bits:#06x} (encrypted or unknown)", info
+        )
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise _corrupt(
+            path,
+            f"compression method {info.compress_type} (torch.save stores records uncompressed)",
+            info,
+        )
+    if info.compress_size != info.file_size:
+        raise _corrupt(
+            path,
+            f"stored size {info.compress_size} differs from the size {info.file_size}",
+            info,
+        )
+
+
+def _local_zip64(extra: bytes) -> list[int]:
+    """The 64-bit values of a local header's zip64 extra block (none if absent)."""
+    pos = 0
+    while pos + 4 <= len(extra):
+        ident, size = struct.unpack_from("<HH", extra, pos)
+        body = extra[pos + 4 : pos + 4 + size]
+        if ident == _ZIP64_ID:
+            return [v for (v,) in struct.iter_unpack("<Q", body[: len(body) // 8 * 8])]
+        pos += 4 + size
+    return []
+
+
+def _sizes_match(
+    info: zipfile.ZipInfo, fields: tuple[int, int], extra: bytes, descriptor: bool
+) -> bool:
+    """Whether a local header's (uncompressed, compressed) sizes agree with the directory."""
+    wide = iter(_local_zip64(extra))
+    for field, want in zip(fields, (info.file_size, info.compress_size), strict=True):
+        got = field
+        if field == _U32_MAX:
+            got = next(wide, -1)
+        if got != want and not (descriptor and got == 0):
+            return False
+    return True
+
+
+def _descriptor_matches(f: BinaryIO, info: zipfile.ZipInfo, data_end: int) -> bool:
+    """Whether the data descriptor after a record repeats the directory's CRC and sizes."""
+    f.seek(data_end)
+    tail = f.read(24)
+    if tail[:4] == _DESCRIPTOR_SIG:
+        tail = tail[4:]
+    if len(tail) < 12 or int.from_bytes(tail[:4], "little") != info.CRC:
+        return False
+    size = info.file_size
+    if struct.unpack_from("<II", tail, 4) == (size, size):
+        return True
+    return len(tail) >= 20 and struct.unpack_from("<QQ", tail, 4) == (size, size)
 
 
 def _entry(path: str, f: BinaryIO, info: zipfile.ZipInfo, file_size: int) -> _Entry:
-    """Locate one record's bytes through its local header."""
+    """Check one record's directory entry against its local header; locate its bytes."""
+    _check_central(path, info)
     f.seek(info.header_offset)
-    local = f.read(_LOCAL_HEADER_LEN)
-    if len(local) < _LOCAL_HEADER_LEN or local[:4] != _LOCAL_SIG:
-        raise CorruptCheckpointError(
-            "bad local header (file truncated or overwritten)", path=path, record=info.filename
-        )
-    name_len = int.from_bytes(local[26:28], "little")
-    extra_len = int.from_bytes(local[28:30], "little")
-    data_offset = info.header_offset + _LOCAL_HEADER_LEN + name_len + extra_len
+    local = f.read(_LOCAL_FMT.size)
+    if len(local) < _LOCAL_FMT.size or local[:4] != _LOCAL_SIG:
+        raise _corrupt(path, "bad local header (file truncated or overwritten)", info)
+    _, _, flags, method, _, _, crc, csize, usize, name_len, extra_len = _LOCAL_FMT.unpack(local)
+    raw_name = f.read(name_len)
+    extra = f.read(extra_len)
+    encoding = "utf-8" if info.flag_bits & _UTF8_FLAG else "cp437"
+    try:
+        name_ok = raw_name == info.orig_filename.encode(encoding)
+    except UnicodeEncodeError:
+        name_ok = False
+    if not name_ok:
+        raise _corrupt(path, f"local header names another record ({raw_name!r})", info)
+    descriptor = bool(flags & _DESCRIPTOR_FLAG)
+    if flags != info.flag_bits or method != info.compress_type:
+        raise _corrupt(path, "local header's flags or method differ from the directory", info)
+    if crc != info.CRC and not (descriptor and crc == 0):
+        raise _corrupt(path, "local header's CRC-32 differs from the directory", info)
+    if not _sizes_match(info, (usize, csize), extra, descriptor):
+        raise _corrupt(path, "local header's sizes differ from the directory", info)
+    data_offset = info.header_offset + _LOCAL_FMT.size + name_len + extra_len
     if data_offset + info.compress_size > file_size:
-        raise CorruptCheckpointError(
-            "record extends past the end of the file (truncated)", path=path, record=info.filename
-        )
-    return _Entry(
-        info.filename,
-        data_offset,
-        info.compress_size,
-        info.CRC,
-        info.compress_type == zipfile.ZIP_STORED,
-    )
+        raise _corrupt(path, "record extends past the end of the file (truncated)", info)
+    if descriptor and not _descriptor_matches(f, info, data_offset + info.compress_size):
+        raise _corrupt(path, "data descriptor differs from the directory", info)
+    return _Entry(info.filename, data_offset, info.compress_size, info.CRC)
 
 
 def _open_archive(path: str) -> list[_Entry]:
@@ -101,7 +228,9 @@ def _open_archive(path: str) -> list[_Entry]:
     try:
         with f, zipfile.ZipFile(f) as zf:
             entries = [_entry(path, f, info, st.st_size) for info in zf.infolist()]
-    except (zipfile.BadZipFile, ValueError, EOFError) as exc:
+    except CorruptCheckpointError:
+        raise
+    except _ZIP_ERRORS as exc:
         raise CorruptCheckpointError(
             f"not a torch.save zip archive, or truncated ({exc})", path=path
         ) from exc
@@ -114,7 +243,11 @@ def _open_archive(path: str) -> list[_Entry]:
         raise CheckpointLoadError(
             f"cannot read the checkpoint ({exc.strerror})", path=path
         ) from exc
-    if not any(e.name.endswith("/data.pkl") or e.name == "data.pkl" for e in entries):
+    names = [e.name for e in entries]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise CorruptCheckpointError("two records share a name", path=path, record=dup)
+    if not any(n.endswith("/data.pkl") or n == "data.pkl" for n in names):
         raise CorruptCheckpointError("archive has no data.pkl record", path=path)
     return entries
 
@@ -129,18 +262,6 @@ def _crc_range(path: str, entry: _Entry, start: int, length: int, crc: int) -> i
     return zlib.crc32(buf, crc)
 
 
-def _crc_compressed(path: str, entry: _Entry) -> int:
-    """CRC of a compressed record's uncompressed bytes (``torch.save`` never compresses).
-
-    :mod:`zipfile` itself raises ``BadZipFile`` on a mismatch at the end.
-    """
-    crc = 0
-    with zipfile.ZipFile(path) as zf, zf.open(entry.name) as member:
-        while chunk := member.read(VERIFY_CHUNK_BYTES):
-            crc = zlib.crc32(chunk, crc)
-    return crc
-
-
 async def verify_records(path: str | os.PathLike[str], *, progress: Progress | None = None) -> None:
     """Check every record's CRC-32 against the archive's central directory.
 
@@ -153,6 +274,7 @@ async def verify_records(path: str | os.PathLike[str], *, progress: Progress | N
         Stops between chunks: the chunk being read is finished by its worker
         thread, then the cancellation is re-raised; nothing is left open.
     """
+    _check_progress(progress)
     fspath = os.fspath(path)
     entries = await run_sync(_open_archive, fspath)
     await _verify_entries(fspath, entries, progress)
@@ -163,25 +285,19 @@ async def _verify_entries(path: str, entries: Sequence[_Entry], progress: Progre
     done = 0
     for entry in entries:
         crc = 0
-        try:
-            if entry.stored:
-                start = 0
-                while start < entry.size:
-                    length = min(VERIFY_CHUNK_BYTES, entry.size - start)
-                    crc = await run_sync(_crc_range, path, entry, start, length, crc)
-                    start += length
-                    done += length
-                    if progress is not None:
-                        progress(done, total)
-            else:
-                crc = await run_sync(_crc_compressed, path, entry)
-                done += entry.size
-                if progress is not None:
-                    progress(done, total)
-        except (OSError, zipfile.BadZipFile, EOFError) as exc:
-            raise CorruptCheckpointError(
-                f"cannot read record ({exc})", path=path, record=entry.name
-            ) from exc
+        start = 0
+        while start < entry.size:
+            length = min(VERIFY_CHUNK_BYTES, entry.size - start)
+            try:
+                crc = await run_sync(_crc_range, path, entry, start, length, crc)
+            except OSError as exc:
+                raise CorruptCheckpointError(
+                    f"cannot read record ({exc.strerror or exc})", path=path, record=entry.name
+                ) from exc
+            start += length
+            done += length
+            if progress is not None:
+                progress(done, total)
         if crc & 0xFFFFFFFF != entry.crc:
             raise CorruptCheckpointError(
                 f"CRC-32 mismatch (stored {entry.crc:#010x}, computed {crc & 0xFFFFFFFF:#010x})",
@@ -210,19 +326,39 @@ def _torch_load(
 
 
 def _translate(path: str, exc: Exception) -> CheckpointLoadError:
-    """Turn a ``torch.load`` failure into the matching aiostage error."""
+    """Turn a ``torch.load`` failure into the matching aiostage error.
+
+    torch prefixes *every* error of the ``weights_only`` unpickler with
+    "Weights only load failed", a corrupted ``data.pkl`` included, so only
+    its refusal of a global (torch's "Unsupported global: GLOBAL x.y was not
+    an allowed global" and "GLOBAL x.y whose module x is blocked") counts as
+    unsafe; a missing import is a plain load error; the rest is corruption.
+    """
     text = str(exc)
-    if isinstance(exc, pickle.UnpicklingError) and (
-        "Weights only load failed" in text or "Unsupported global" in text
-    ):
-        first = text.strip().splitlines()[0] if text.strip() else "unsupported global"
-        detail = next((ln.strip() for ln in text.splitlines() if "GLOBAL" in ln), first)
-        return UnsafeCheckpointError(
-            "weights_only loading refused an object in the checkpoint "
-            f"({detail}). If you trust this checkpoint, allow-list the class with "
-            "aiostage.load(path, safe_globals=[TheClass])",
-            path=path,
-        )
+    if isinstance(exc, pickle.UnpicklingError):
+        refused = re.search(r"Unsupported global: GLOBAL (\S+) was not an allowed global", text)
+        if refused:
+            return UnsafeCheckpointError(
+                "weights_only loading refused an object in the checkpoint "
+                f"(GLOBAL {refused.group(1)} is not allow-listed). If you trust this "
+                "checkpoint, allow-list the class with "
+                "aiostage.load(path, safe_globals=[TheClass])",
+                path=path,
+            )
+        blocked = re.search(r"GLOBAL (\S+) whose module (\S+) is blocked", text)
+        if blocked:
+            return UnsafeCheckpointError(
+                f"the checkpoint refers to {blocked.group(1)}; weights_only loading never "
+                f"allows module {blocked.group(2)}",
+                path=path,
+            )
+        needs = re.search(r"``(\S+)`` must be imported to load (.+?)\s*$", text, re.MULTILINE)
+        if needs:
+            return CheckpointLoadError(
+                f"import {needs.group(1)} before loading this checkpoint (it holds "
+                f"{needs.group(2)})",
+                path=path,
+            )
     if isinstance(exc, (pickle.UnpicklingError, EOFError)):
         return CorruptCheckpointError(f"cannot unpickle data.pkl ({text})", path=path)
     if isinstance(exc, OSError):
@@ -262,7 +398,11 @@ async def load(
             file open.
         verify: first check every record's CRC-32 against the archive's
             directory (reads the whole file once more).  Without it a
-            flipped bit in a storage is *not* detected.
+            flipped bit in a storage is *not* detected.  Either way the
+            directory is checked first: every record must be a stored
+            (uncompressed) file with no unexpected flags or attributes,
+            and its local header (and ``torch.save``'s data descriptor)
+            must repeat the directory's name, CRC-32 and sizes.
         safe_globals: classes or functions the pickle may refer to, allowed
             for this load only (``torch.serialization.safe_globals``).  torch
             keeps one process-wide allow-list, so a load running concurrently
@@ -278,11 +418,16 @@ async def load(
     Raises:
         CheckpointLoadError: the file is missing or unreadable, or torch
             failed for another reason (e.g. a bad ``map_location``).
-        CorruptCheckpointError: not a zip archive, truncated, or (with
-            ``verify``) a record's CRC-32 mismatch; ``record`` names the
-            record when one is at fault.
+        CorruptCheckpointError: not a zip archive, truncated, a record's
+            directory entry or local header is inconsistent, ``data.pkl``
+            cannot be unpickled, or (with ``verify``) a record's CRC-32
+            mismatch; ``record`` names the record when one is at fault.
         UnsafeCheckpointError: the checkpoint refers to a class not
             allow-listed; pass it in ``safe_globals`` if you trust the file.
+            (A ``data.pkl`` that the unpickler cannot parse is a
+            :class:`CorruptCheckpointError`.)
+        TypeError: ``progress`` is not a plain callable (an ``async def``
+            callback would never run).
 
     Cancellation:
         Verification stops between chunks.  The ``torch.load`` step itself
@@ -291,6 +436,7 @@ async def load(
         re-raised.  Nothing is left open (tensors of a discarded ``mmap``
         load release the file when collected).
     """
+    _check_progress(progress)
     fspath = os.fspath(path)
     entries = await run_sync(_open_archive, fspath)
     total = sum(e.size for e in entries)

@@ -211,3 +211,158 @@ async def test_cancel_during_verify(tmp_path: Path) -> None:
             await task
     finally:
         _reader.VERIFY_CHUNK_BYTES = old
+
+
+def central_header_offset(raw: bytes, name: str) -> int:
+    """Where the central-directory entry of record ``name`` starts."""
+    pos = raw.find(b"PK\x01\x02")
+    while pos >= 0:
+        name_len = int.from_bytes(raw[pos + 28 : pos + 30], "little")
+        if raw[pos + 46 : pos + 46 + name_len] == name.encode():
+            return pos
+        pos = raw.find(b"PK\x01\x02", pos + 1)
+    raise AssertionError(f"no central entry for {name}")
+
+
+def patch(path: Path, offset: int, value: bytes) -> None:
+    with path.open("r+b") as f:
+        f.seek(offset)
+        f.write(value)
+
+
+async def write_with(writer: str, state: object, path: Path) -> Path:
+    if writer == "aiostage":
+        return await aiostage.persist(state, path)
+    torch.save(state, path)
+    return path
+
+
+@pytest.mark.parametrize("writer", ["aiostage", "torch"])
+async def test_directory_bit_in_central_directory_is_rejected(tmp_path: Path, writer: str) -> None:
+    """torch reads a record whose MS-DOS directory bit is set as a directory and
+    hands back uninitialised memory; the CRCs alone do not notice."""
+    state = {"a": torch.arange(100, dtype=torch.float32)}
+    path = await write_with(writer, state, tmp_path / "ckpt.pt")
+    raw = path.read_bytes()
+    record = storage_record(path)
+    attr = central_header_offset(raw, record) + 38  # external attributes, low byte
+    patch(path, attr, bytes([raw[attr] | 0x10]))
+    with pytest.raises(CorruptCheckpointError, match="directory") as info:
+        await aiostage.load(path, verify=True)
+    assert info.value.record == record and str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("writer", ["aiostage", "torch"])
+async def test_compression_method_flip_is_corruption(tmp_path: Path, writer: str) -> None:
+    path = await write_with(writer, {"a": torch.ones(10)}, tmp_path / "ckpt.pt")
+    raw = path.read_bytes()
+    record = storage_record(path)
+    patch(path, central_header_offset(raw, record) + 10, (8).to_bytes(2, "little"))  # deflate
+    with pytest.raises(CorruptCheckpointError, match="compression method 8") as info:
+        await aiostage.load(path, verify=True)
+    assert info.value.record == record
+
+
+@pytest.mark.parametrize("writer", ["aiostage", "torch"])
+@pytest.mark.parametrize(
+    ("field", "offset", "value", "message"),
+    [
+        ("flags", 8, 0x0001, "flag bits"),  # encrypted
+        ("external attributes", 38, 0o040755 << 16, "not a file"),  # a Unix directory
+        ("stored size", 20, 1, "size"),
+    ],
+)
+async def test_unexpected_central_fields_are_rejected(
+    tmp_path: Path, writer: str, field: str, offset: int, value: int, message: str
+) -> None:
+    path = await write_with(writer, {"a": torch.ones(10)}, tmp_path / "ckpt.pt")
+    raw = path.read_bytes()
+    record = storage_record(path)
+    width = 2 if offset == 8 else 4
+    patch(path, central_header_offset(raw, record) + offset, value.to_bytes(width, "little"))
+    with pytest.raises(CorruptCheckpointError, match=message) as info:
+        await aiostage.load(path, verify=True)
+    assert info.value.record == record, field
+
+
+async def test_local_header_must_agree_with_central_directory(tmp_path: Path) -> None:
+    path = await aiostage.persist({"a": torch.ones(10), "b": torch.zeros(10)}, tmp_path / "c.pt")
+    raw = path.read_bytes()
+    with zipfile.ZipFile(path) as zf:
+        first = zf.getinfo("archive/data/0")
+        second = zf.getinfo("archive/data/1")
+    # The directory's CRC of record 0 changed: its local header disagrees.
+    bad = tmp_path / "crc.pt"
+    bad.write_bytes(raw)
+    patch(
+        bad, central_header_offset(raw, first.filename) + 16, (first.CRC ^ 1).to_bytes(4, "little")
+    )
+    with pytest.raises(CorruptCheckpointError, match="CRC-32 differs") as info:
+        await aiostage.load(bad, verify=True)
+    assert info.value.record == first.filename
+    # The directory entry of record 1 points at record 0's local header.
+    bad = tmp_path / "name.pt"
+    bad.write_bytes(raw)
+    patch(
+        bad,
+        central_header_offset(raw, second.filename) + 42,
+        first.header_offset.to_bytes(4, "little"),
+    )
+    with pytest.raises(CorruptCheckpointError, match="names another record") as info:
+        await aiostage.load(bad, verify=True)
+    assert info.value.record == second.filename
+
+
+async def test_torch_save_data_descriptor_is_checked(tmp_path: Path) -> None:
+    path = tmp_path / "plain.pt"
+    torch.save({"a": torch.ones(10)}, path)
+    raw = path.read_bytes()
+    record = storage_record(path)
+    end = record_data_offset(path, record) + 40
+    assert raw[end : end + 4] == b"PK\x07\x08"
+    patch(path, end + 8, (41).to_bytes(4, "little"))  # the descriptor's stored size
+    with pytest.raises(CorruptCheckpointError, match="descriptor") as info:
+        await aiostage.load(path, verify=True)
+    assert info.value.record == record
+
+
+def pickle_record(path: Path) -> tuple[int, int]:
+    with zipfile.ZipFile(path) as zf:
+        info = next(i for i in zf.infolist() if i.filename.endswith("/data.pkl"))
+    return record_data_offset(path, info.filename), info.file_size
+
+
+@pytest.mark.parametrize("writer", ["aiostage", "torch"])
+async def test_corrupt_pickle_without_verify_is_not_called_unsafe(
+    tmp_path: Path, writer: str
+) -> None:
+    """torch says "Weights only load failed" for every unpickler error; only a
+    refused global is unsafe, an unknown opcode is corruption."""
+    path = await write_with(writer, {"a": torch.ones(3)}, tmp_path / "ckpt.pt")
+    start, size = pickle_record(path)
+    assert path.read_bytes()[start + size - 1 : start + size] == b"."  # STOP
+    patch(path, start + size - 1, b"\xff")  # an opcode no unpickler knows
+    with pytest.raises(CorruptCheckpointError, match=r"data\.pkl") as info:
+        await aiostage.load(path)
+    assert not isinstance(info.value, UnsafeCheckpointError)
+    assert "safe_globals" not in str(info.value)
+
+
+async def test_blocked_module_is_unsafe_without_allow_list_advice(tmp_path: Path) -> None:
+    import os
+
+    path = tmp_path / "evil.pt"
+    torch.save({"x": os.system}, path)
+    with pytest.raises(UnsafeCheckpointError, match="never allows module") as info:
+        await aiostage.load(path)
+    assert "safe_globals" not in str(info.value)
+
+
+async def test_async_progress_is_rejected(tmp_path: Path) -> None:
+    path = await aiostage.persist({"a": torch.ones(3)}, tmp_path / "ckpt.pt")
+
+    async def progress(done: int, total: int) -> None:
+        pass
+
+    with pytest.raises(TypeError, match="progress"):
+        await aiostage.load(path, progress=progress)  # type: ignore[arg-type]
