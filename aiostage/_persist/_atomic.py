@@ -76,7 +76,9 @@ def remove_stale_temps(target: Path) -> list[Path]:
     interrupted without cleanup, e.g. by ``os._exit``).  Temp files of other
     targets, and those of live writers (in this or another process), are left
     alone.  A recycled pid makes a stale file look live; it is then left for a
-    later write.
+    later write.  Liveness is checked in this host's pid namespace only: a
+    temp file of a writer on another host (shared file system) looks stale,
+    hence one writer per target path.
     """
     prefix = temp_prefix(target)
     pattern = re.compile(re.escape(prefix) + r"(\d+)\.[0-9a-f]{" + str(_TOKEN_LEN) + r"}")

@@ -9,11 +9,14 @@ never abandons a thread, even on a plain ``Task.cancel()``):
 3. write the pickle and metadata records in one go;
 4. for each storage: await ``wait_ready(storage)``, then write its bytes in
    large chunks straight from the storage's memory (no copy); small storages
-   share one thread hop.  Behind the writer, one CRC thread folds each
+   share one thread hop (at most ``MAX_BATCH_PIECES`` of them, so that the
+   loop's per-batch work stays short; the batches are planned in a worker
+   thread).  Behind the writer, one CRC thread folds each
    written chunk into its record's CRC-32 and writes the record's local
    header once the record is complete;
-5. ``fdatasync`` the data while the last CRCs finish, then write the
-   trailing records and the central directory (which carry the CRCs);
+5. ``fdatasync`` the data while the last CRCs finish, then build and write
+   the trailing records and the central directory (which carry the CRCs) in
+   a worker thread;
 6. fsync (a few KiB are left dirty), close, ``os.replace`` over the target,
    fsync the directory.
 
@@ -25,6 +28,7 @@ from __future__ import annotations
 import concurrent.futures
 import ctypes
 import errno as _errno
+import inspect
 import os
 import threading
 import zlib
@@ -42,6 +46,11 @@ __all__ = ["DEFAULT_CHUNK_BYTES", "WaitReady", "Progress", "persist"]
 
 DEFAULT_CHUNK_BYTES = 32 * 1024 * 1024
 """Bytes handed to one worker-thread write (and one CRC update)."""
+
+MAX_BATCH_PIECES = 256
+"""Most storages (pieces) handed to one worker-thread write.  The event loop
+awaits ``wait_ready`` once per storage of a batch before the batch's thread
+hop, so this bounds how long one loop step can take with many tiny tensors."""
 
 WaitReady = Callable[[torch.UntypedStorage], Awaitable[None]]
 Progress = Callable[[int, int], None]
@@ -68,11 +77,16 @@ def _storage_view(storage: torch.UntypedStorage) -> memoryview:
     return memoryview(array)
 
 
-def _batches(storages: list[_archive.StorageRecord], chunk: int) -> list[list[_Piece]]:
-    """Split storages into thread-hop batches of at most ``chunk`` bytes.
+def _batches(
+    storages: list[_archive.StorageRecord], chunk: int, max_pieces: int = MAX_BATCH_PIECES
+) -> list[list[_Piece]]:
+    """Split storages into thread-hop batches of at most ``chunk`` bytes and
+    ``max_pieces`` pieces (built in a worker thread: one object per storage).
 
     A large storage is split into several pieces; consecutive small ones
     share a batch.  Every storage appears at least once, even empty ones.
+    The piece cap bounds the work the event loop does per batch (one
+    ``wait_ready`` per storage) between two thread hops.
     """
     batches: list[list[_Piece]] = []
     current: list[_Piece] = []
@@ -84,7 +98,7 @@ def _batches(storages: list[_archive.StorageRecord], chunk: int) -> list[list[_P
             current.append(_Piece(rec, start, start + take))
             filled += take
             start += take
-            if filled >= chunk:
+            if filled >= chunk or len(current) >= max_pieces:
                 batches.append(current)
                 current, filled = [], 0
             if start >= rec.nbytes:
@@ -138,11 +152,33 @@ def _crc_batch(fd: int, batch: list[_Piece]) -> None:
             _atomic.write_all(fd, _archive.local_header(piece.rec), piece.rec.header_offset)
 
 
+def _write_tail(fd: int, plan: _archive.ArchivePlan) -> None:
+    """Build the trailing records and central directory (a few MB for many
+    storages) and write them, in a worker thread."""
+    _atomic.write_all(fd, plan.tail_bytes(), plan.tail_offset)
+
+
 def _wait_all(futures: list[concurrent.futures.Future[None]]) -> None:
     """Wait for every future, then raise the first error among them."""
     concurrent.futures.wait(futures)
     for future in futures:
         future.result()
+
+
+def _check_progress(progress: object) -> None:
+    """Reject a ``progress`` that could never run: ``async def`` ones are
+    called on the loop but their coroutines never awaited."""
+    if progress is None:
+        return
+    if not callable(progress):
+        raise TypeError(f"progress must be callable as progress(done, total), got {progress!r}")
+    if inspect.iscoroutinefunction(progress) or inspect.iscoroutinefunction(
+        getattr(progress, "__call__", None)  # noqa: B004 - an async __call__
+    ):
+        raise TypeError(
+            "progress must be a plain function called as progress(done, total) on the "
+            "event loop; an async def callback would never run"
+        )
 
 
 def _prepare(obj: object, force_zip64: bool) -> _archive.ArchivePlan:
@@ -213,6 +249,14 @@ async def persist(
     Stale temp files of ``path`` left by killed processes are removed first.
     Runs on an asyncio event loop (plain asyncio or anyio's asyncio backend).
 
+    One writer per target path: do not persist to the same ``path`` from two
+    hosts (or two containers with their own pid namespaces) at once, e.g.
+    on a shared file system.  A temp file counts as stale when the process
+    whose pid is in its name is gone, and that is checked on the local host
+    only, so another host's write in progress could be removed from under
+    it.  Concurrent writes to one path from processes of one host are safe:
+    each file is complete and the last rename wins.
+
     Args:
         obj: the state to write.
         path: the checkpoint file; its directory must exist.
@@ -223,7 +267,8 @@ async def persist(
             metadata.
         progress: if given, called on the event-loop thread as
             ``progress(bytes_done, bytes_total)`` after each chunk; the total
-            is the pickle plus every storage's bytes.
+            is the pickle plus every storage's bytes.  A plain function: an
+            ``async def`` one is refused with ``TypeError``.
 
     Returns:
         ``path`` as a :class:`pathlib.Path`.
@@ -234,6 +279,8 @@ async def persist(
             temp file is removed and the previous checkpoint is untouched.
             An exception raised by ``wait_ready`` or ``progress`` propagates
             unchanged, with the same cleanup.
+        TypeError: ``progress`` is not a plain callable (checked before
+            anything is written).
 
     Cancellation:
         No further I/O is issued; the chunk being written by a worker thread
@@ -243,6 +290,7 @@ async def persist(
         while the finished file is being renamed into place lets the rename
         complete, so ``path`` may hold the new checkpoint.
     """
+    _check_progress(progress)
     target = Path(os.fspath(path))
     step = "pickling the state"
     temp = _Temp()
@@ -257,7 +305,8 @@ async def persist(
         done = len(plan.head_records[0].data)
         if progress is not None:
             progress(done, total)
-        for batch in _batches(plan.storages, max(1, _chunk_bytes)):
+        batches = await run_sync(_batches, plan.storages, max(1, _chunk_bytes))
+        for batch in batches:
             if wait_ready is not None:
                 for piece in batch:
                     if piece.start == 0:
@@ -274,7 +323,7 @@ async def persist(
         step = "checksumming the checkpoint"
         await run_sync(_wait_all, crcs)
         step = "writing the checkpoint"
-        await run_sync(_atomic.write_all, fd, plan.tail_bytes(), plan.tail_offset)
+        await run_sync(_write_tail, fd, plan)
         step = "flushing the checkpoint to disk (fsync)"
         await run_sync(os.fsync, fd)
         step = "closing the temp file"
