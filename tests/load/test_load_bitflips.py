@@ -59,12 +59,25 @@ async def write_aiostage(state: dict[str, Any], path: Path) -> None:
     await aiostage.persist(state, path)
 
 
+async def write_aiostage_zip64(state: dict[str, Any], path: Path) -> None:
+    from aiostage._persist._writer import persist
+
+    await persist(state, path, _force_zip64=True)
+
+
 async def write_torch(state: dict[str, Any], path: Path) -> None:
     torch.save(state, path)
 
 
-@pytest.mark.parametrize("writer", [write_aiostage, write_torch])
-async def test_every_bit_flip_is_caught_or_harmless(tmp_path: Path, writer: Any) -> None:
+@pytest.mark.parametrize(
+    ("writer", "directory_only"),
+    [(write_aiostage, False), (write_torch, False), (write_aiostage_zip64, True)],
+)
+async def test_every_bit_flip_is_caught_or_harmless(
+    tmp_path: Path, writer: Any, directory_only: bool
+) -> None:
+    """``directory_only``: flip only the central directory and end records
+    (for zip64, where they differ from the plain layout)."""
     state = small_state()
     good = tmp_path / "good.pt"
     await writer(state, good)
@@ -76,6 +89,9 @@ async def test_every_bit_flip_is_caught_or_harmless(tmp_path: Path, writer: Any)
     caught = 0
     start = time.perf_counter()
     offsets = flip_offsets(raw, good)
+    if directory_only:
+        with zipfile.ZipFile(good) as zf:
+            offsets = [off for off in offsets if off >= zf.start_dir]
     tried = len(offsets)
     for off in offsets:
         bit = off % 8

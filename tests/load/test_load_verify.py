@@ -366,3 +366,21 @@ async def test_async_progress_is_rejected(tmp_path: Path) -> None:
 
     with pytest.raises(TypeError, match="progress"):
         await aiostage.load(path, progress=progress)  # type: ignore[arg-type]
+
+
+async def test_verify_checks_many_small_records_per_thread_hop(tmp_path: Path) -> None:
+    """3,000 tiny storages are verified in a few worker-thread steps, not one
+    each; a flip in one of them is still named."""
+    state = {f"t{i}": torch.full((2,), float(i)) for i in range(3000)}
+    path = await aiostage.persist(state, tmp_path / "many.pt")
+    calls: list[tuple[int, int]] = []
+    loaded = await aiostage.load(path, verify=True, progress=lambda d, t: calls.append((d, t)))
+    assert torch.equal(loaded["t2999"], state["t2999"])
+    assert 2 <= len(calls) <= 3000 // _reader._VERIFY_MAX_RECORDS + 3
+    assert calls[-1][0] == calls[-1][1]
+    with zipfile.ZipFile(path) as zf:
+        record = next(n for n in zf.namelist() if n.endswith("/data/2500"))
+    flip_byte(path, record_data_offset(path, record) + 3)
+    with pytest.raises(CorruptCheckpointError, match="CRC") as info:
+        await aiostage.load(path, verify=True)
+    assert info.value.record == record
