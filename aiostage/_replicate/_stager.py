@@ -165,8 +165,9 @@ class ReplicationStager(_StagerBase):
             Meshes of the DTensors this rank stages are known automatically;
             list them here for :meth:`recover` from an empty state.
 
-    Without an initialized process group, :meth:`stage` returns its input
-    unchanged (single-process runs need no special casing).  An odd world
+    Without an initialized process group, :meth:`stage` returns a CPU copy
+    of its input (no exchange, no replica file), and the inherited ``save``
+    writes that copy: single-process runs need no special casing.  An odd world
     size raises :class:`ValueError` (at construction when the group is
     already known, else at the first :meth:`stage`).
 
@@ -278,9 +279,12 @@ class ReplicationStager(_StagerBase):
     ) -> Any:
         group = self._group(None)
         if group is None:
+            # No partner: a CPU copy (never the live state), so that save()'s
+            # writer, started below, reads a snapshot the caller cannot change.
+            staged = await run_sync(self._engine.stage, state_dict)
             if on_plan is not None:
-                on_plan(StagePlan(state_dict, [], []))
-            return state_dict
+                on_plan(StagePlan(staged, [], []))
+            return staged
         rank, peer, me_global, peer_global = self._pair(group)
         self._check_channel(None)
         try:
@@ -543,8 +547,9 @@ class ReplicationStager(_StagerBase):
 
         Returns the partner's state (this rank's replica of it), once it is
         durable in ``storage_dir``.  ``state_dict`` may be mutated as soon
-        as this returns.  Without an initialized process group, returns
-        ``state_dict`` itself.
+        as this returns.  Without an initialized process group, returns a CPU
+        copy of ``state_dict`` (in this stager's cached buffers, refreshed by
+        the next call) and nothing is exchanged or written.
 
         Raises:
             ValueError: odd world size, or a group that cannot carry CPU

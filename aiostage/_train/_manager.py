@@ -16,8 +16,9 @@ layout):
    worker thread;
 3. rank 0, if every rank succeeded: fsync the checkpoint directory (the
    step directory's entry), check every listed file, write ``manifest.json``
-   atomically -- the commit point -- then rotate (delete steps beyond
-   ``keep_last``, manifest first) and remove leftovers of interrupted saves;
+   atomically -- the commit point -- then rotate (delete the steps beyond
+   the ``keep_last`` most recently committed, manifest first) and remove
+   leftovers of interrupted saves (step directories without a manifest);
 4. with several ranks, a ``broadcast`` of rank 0's verdict, so that every
    rank's save fails or succeeds together.
 """
@@ -32,7 +33,7 @@ import secrets
 import time
 import types
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -112,7 +113,7 @@ class CheckpointManager:
     Usage::
 
         async with CheckpointManager(run_dir, keep_last=3) as mgr:
-            if mgr.steps():
+            if await mgr.complete_steps():
                 set_state(model, opt, await mgr.restore())
             for step in range(start, n):
                 train_step()
@@ -122,7 +123,8 @@ class CheckpointManager:
     Args:
         directory: where checkpoints go (created if missing).  With several
             ranks it must be the same shared directory on every rank.
-        keep_last: how many complete checkpoints to keep; older ones are
+        keep_last: how many complete checkpoints to keep: the most
+            recently *committed* ones (see :meth:`steps`); the others are
             deleted only after a newer one is committed.
         stager: the stager to stage and write with; by default a
             :class:`~aiostage.DefaultStager` owned (and closed) by the
@@ -135,6 +137,7 @@ class CheckpointManager:
             ``None`` and ``torch.distributed`` is initialized with more than
             one rank, the manager creates such a group itself (a collective:
             every rank must construct its manager at the same point).
+        history_len: how many :class:`SaveStats` :attr:`history` keeps.
 
     With several ranks, call ``save``, ``restore``, ``wait`` and ``close``
     on every rank in the same order, and cancel on every rank: a rank that
@@ -160,9 +163,13 @@ class CheckpointManager:
         keep_last: int = 3,
         stager: _Saver | None = None,
         process_group: dist.ProcessGroup | None = None,
+        *,
+        history_len: int = 1000,
     ) -> None:
         if keep_last < 1:
             raise ValueError(f"keep_last must be at least 1, got {keep_last}")
+        if history_len < 1:
+            raise ValueError(f"history_len must be at least 1, got {history_len}")
         self.directory = Path(os.fspath(directory))
         self.keep_last = keep_last
         self._own_stager = stager is None
@@ -183,26 +190,51 @@ class CheckpointManager:
         self._lock = asyncio.Lock()
         self._inflight: asyncio.Task[None] | None = None
         self._closed = False
+        self._closing = False
         self._dir_lock: int | None = None
         self._lock_checked = False
+        self._sequence = 0  # the last commit sequence number this manager wrote
+        self.history_len = history_len
         self.history: list[SaveStats] = []
-        """Stats of every save issued, oldest first."""
+        """Stats of the last ``history_len`` saves that were staged, oldest first."""
 
     # -- queries -------------------------------------------------------------
 
     def steps(self) -> list[int]:
-        """The steps with a complete checkpoint, ascending.
+        """The steps with a complete checkpoint, in commit order: the last is the latest.
+
+        Steps are ordered by when they were committed, not by number: if
+        you save step 100 again after step 200 (a run rolled back to 100),
+        the list ends ``[..., 200, 100]`` and :meth:`restore` loads step 100.
+        With increasing step numbers the order is ascending.
 
         A step is listed only once its manifest is durable and every rank
         file it names is present; leftovers of interrupted saves are not.
-        (Blocking: a directory listing and one small read per step.)
+        A step whose manifest cannot be read (an I/O error such as EIO or
+        EMFILE) is not listed either, and a warning is logged.  Blocking
+        (a directory listing and one small read per step, quick on a local
+        disk): from a coroutine, prefer :meth:`complete_steps`.
+
+        Raises:
+            OSError: the directory cannot be listed.
         """
-        return [step for step, _dir, _m in mf.scan(self.directory).complete]
+        found = mf.scan(self.directory)
+        for sdir, exc in found.unreadable:
+            logger.warning("cannot tell whether %s is complete (not listed): %s", sdir, exc)
+        return [step for step, _dir, _m in found.complete]
+
+    async def complete_steps(self) -> list[int]:
+        """:meth:`steps`, in a worker thread so that the event loop keeps running.
+
+        Cancellation: the scan (read-only) finishes in its thread; nothing
+        is changed.
+        """
+        return await run_sync(self.steps)
 
     # -- saving --------------------------------------------------------------
 
     def _check_open(self) -> None:
-        if self._closed:
+        if self._closed or self._closing:
             raise CheckpointManagerError(f"the CheckpointManager of {self.directory} is closed")
 
     async def save(self, step: int, state: Any, *, progress: Progress | None = None) -> SaveStats:
@@ -216,7 +248,10 @@ class CheckpointManager:
 
         Args:
             step: the step number (``>= 0``); saving a step again replaces
-                it atomically.
+                it atomically.  Steps need not increase: each commit becomes
+                the latest (see :meth:`steps`), so after rolling a run back
+                to an older step, saving it again makes it the one that
+                :meth:`restore` loads and rotation keeps.
             state: what to save, e.g. :func:`aiostage.get_state`'s result.
             progress: called on the event loop as ``progress(bytes_done,
                 bytes_total)`` while this rank's file is written.
@@ -248,6 +283,7 @@ class CheckpointManager:
         async with self._lock:
             self._check_open()
             await self._settle(raise_error=True)
+            self._check_open()  # close() was cancelled meanwhile
             if not self._lock_checked:
                 await self._take_directory_lock()
             stats.waited_s = time.perf_counter() - start
@@ -269,6 +305,8 @@ class CheckpointManager:
             staged = time.perf_counter()
             stats.stage_s = staged - begin
             self.history.append(stats)
+            if len(self.history) > self.history_len:
+                del self.history[: len(self.history) - self.history_len]
             self._inflight = asyncio.create_task(
                 self._complete(stats, attempt, sdir, name, handle, staged),
                 name=f"aiostage-checkpoint-step-{step}",
@@ -378,35 +416,64 @@ class CheckpointManager:
                 raise CheckpointManagerError(
                     f"{sdir / fname} has {actual} bytes, its rank reported {size}"
                 )
+        found: mf.Scan | None
+        try:
+            found = mf.scan(self.directory)
+        except OSError as exc:
+            found = None
+            logger.warning("cannot list %s (no cleaning this time): %s", self.directory, exc)
+        # Strictly after every commit readable now and every one this manager
+        # made; the wall clock covers manifests that cannot be read just now.
+        known = [m.sequence for _s, _d, m in found.complete] if found is not None else []
+        sequence = max(self._sequence + 1, *(q + 1 for q in known), time.time_ns())
+        manifest = replace(manifest, sequence=sequence, committed_at=time.time())
         mf.fsync_dir(self.directory)
         mf.write_manifest(sdir, manifest)
+        self._sequence = sequence
+        if found is None:
+            return
         try:
-            self._cleanup(manifest.step)
+            self._cleanup(found, sdir, manifest)
         except OSError as exc:  # the step is committed; cleaning is best effort
             logger.warning(
                 "cleaning %s after step %d failed: %s", self.directory, manifest.step, exc
             )
 
-    def _cleanup(self, committed: int) -> None:
+    def _cleanup(self, found: mf.Scan, committed_dir: Path, committed: mf.Manifest) -> None:
         """Rotate beyond ``keep_last`` and remove leftovers of interrupted saves.
 
-        Runs on rank 0 while every rank waits in the verdict broadcast, so no
-        rank is writing into the directory.
+        ``found`` is the directory as scanned just before ``committed`` was
+        written.  Runs on rank 0 while every rank waits in the verdict
+        broadcast, so no rank is writing into the directory.  Only what is
+        known for sure is deleted: the oldest committed steps beyond
+        ``keep_last`` (manifest first) and step directories without a
+        manifest.  The step just committed, steps whose manifest cannot be
+        read (their state is unknown) and steps with an invalid manifest are
+        never deleted here.
         """
-        found = mf.scan(self.directory)
-        newest = [step for step, _d, _m in found.complete][-self.keep_last :]
-        keep = {*newest, committed}
-        for step, sdir, manifest in found.complete:
-            if step in keep:
+        older = [item for item in found.complete if item[1] != committed_dir]
+        keep = older[max(0, len(older) - (self.keep_last - 1)) :] if self.keep_last > 1 else []
+        kept_dirs = {sdir for _s, sdir, _m in keep}
+        for step, sdir, manifest in older:
+            if sdir in kept_dirs:
                 removed = mf.remove_unlisted(sdir, manifest)
                 if removed:
                     logger.info("removed leftovers in %s: %s", sdir, removed)
             else:
                 logger.info("deleting checkpoint step %d (keep_last=%d)", step, self.keep_last)
                 mf.remove_step(sdir)
+        removed = mf.remove_unlisted(committed_dir, committed)
+        if removed:
+            logger.info("removed leftovers in %s: %s", committed_dir, removed)
         for sdir in found.incomplete:
-            logger.info("removing interrupted checkpoint %s", sdir)
-            mf.remove_step(sdir)
+            if sdir != committed_dir and mf.remove_leftover(sdir):
+                logger.info("removed interrupted checkpoint %s", sdir)
+        for sdir in found.invalid:
+            if sdir != committed_dir:
+                logger.warning("%s has an invalid manifest: not listed, not removed", sdir)
+        for sdir, exc in found.unreadable:
+            if sdir != committed_dir:
+                logger.warning("cannot tell whether %s is complete (kept): %s", sdir, exc)
 
     async def _all_gather(self, obj: Any) -> list[Any]:
         import torch.distributed as dist
@@ -470,6 +537,9 @@ class CheckpointManager:
     ) -> Any:
         """Load this rank's state of ``step``, or of the latest complete step.
 
+        The latest step is the one committed last (the last of
+        :meth:`steps`), not the highest number.
+
         A save of this manager still in flight is waited for first (its
         error, if any, is left for the next :meth:`save`, :meth:`wait` or
         :meth:`close`), so the latest step includes every save issued so
@@ -480,7 +550,10 @@ class CheckpointManager:
 
         Raises:
             CheckpointManagerError: no complete checkpoint (of that step), or
-                it was written by a different number of ranks.
+                it was written by a different number of ranks; or, with
+                ``step=None``, the manifest of some step could not be read
+                (an I/O error: which step is the latest is unknown, so none
+                is picked); or the manifest of ``step`` could not be read.
             CheckpointLoadError: the rank file cannot be read.
 
         Cancellation:
@@ -490,17 +563,24 @@ class CheckpointManager:
         async with self._lock:
             await self._settle(raise_error=False)
             if step is None:
-                chosen: int | None = None
+                chosen: tuple[int | None, str | None] = (None, None)
                 if self.rank == 0:
-                    found = await run_sync(self.steps)
-                    chosen = found[-1] if found else None
+                    chosen = await run_sync(self._latest)
                 if self._group is not None:
                     chosen = await self._broadcast(chosen)
-                if chosen is None:
-                    raise CheckpointManagerError(f"no complete checkpoint in {self.directory}")
-                step = chosen
+                latest, error = chosen
+                if latest is None:
+                    raise CheckpointManagerError(
+                        error or f"no complete checkpoint in {self.directory}"
+                    )
+                step = latest
             sdir = mf.step_dir(self.directory, step)
-            manifest = await mf.read_manifest_async(sdir, step)
+            try:
+                manifest = await mf.read_manifest_async(sdir, step)
+            except OSError as exc:
+                raise CheckpointManagerError(
+                    f"cannot read the manifest of step {step} in {self.directory}: {exc}"
+                ) from exc
         if manifest is None:
             raise CheckpointManagerError(
                 f"no complete checkpoint of step {step} in {self.directory}"
@@ -519,6 +599,22 @@ class CheckpointManager:
             progress=progress,
         )
 
+    def _latest(self) -> tuple[int | None, str | None]:
+        """Rank 0, worker thread: (the latest complete step, or None and why)."""
+        try:
+            found = mf.scan(self.directory)
+        except OSError as exc:
+            return None, f"cannot list {self.directory}: {exc}"
+        if found.unreadable:
+            sdir, error = found.unreadable[0]
+            return None, (
+                f"cannot tell which checkpoint in {self.directory} is the latest: "
+                f"reading {sdir / mf.MANIFEST} failed ({error}); retry, or pass the step"
+            )
+        if not found.complete:
+            return None, None
+        return found.complete[-1][0], None
+
     # -- closing -------------------------------------------------------------
 
     async def close(self) -> None:
@@ -532,26 +628,43 @@ class CheckpointManager:
 
         Cancellation:
             The in-flight save is cancelled (its temp file is removed, the
-            previous checkpoints stay), the stager is closed, and the
-            cancellation is re-raised.
+            previous checkpoints stay); if a ``save``, ``wait`` or
+            ``restore`` holds the manager, close waits for it to let go and
+            cancels whatever save it started, so nothing commits or rotates
+            once the directory lock is released.  Then the stager is closed
+            and the cancellation is re-raised.
         """
         if self._closed:
             return
+        self._closing = True  # saves not yet holding the lock are refused
         try:
-            async with self._lock:
-                try:
+            try:
+                async with self._lock:
                     await self._settle(raise_error=True)
-                except asyncio.CancelledError:
-                    await self._cancel_inflight()
-                    raise
+            except asyncio.CancelledError:
+                # Cancelled while settling or while waiting for the lock (a
+                # save, wait or restore holds it): stop the save in flight,
+                # and whatever the holder starts, before the directory lock
+                # goes -- nothing may commit or rotate without it.
+                await uncancelled(self._abort())
+                raise
         finally:
             self._closed = True
+            self._closing = False
             self._lock_checked = False
             lock, self._dir_lock = self._dir_lock, None
             if lock is not None:
                 os.close(lock)  # releases the flock
             if self._own_stager:
                 await self._stager.close()  # itself finishes despite cancellation
+
+    async def _abort(self) -> None:
+        """Cancel the save in flight, wait for the lock's holder, cancel again."""
+        await self._cancel_inflight()
+        async with self._lock:
+            # A save that held the lock may have started a new background
+            # task meanwhile (a save past its _check_open was staging).
+            await self._cancel_inflight()
 
     async def _cancel_inflight(self) -> None:
         task, self._inflight = self._inflight, None

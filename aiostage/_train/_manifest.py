@@ -19,6 +19,19 @@ step.  ``<attempt>`` is a random id chosen per save and per rank; the manifest
 lists the exact file names of the attempt that committed, so files of an
 earlier, interrupted attempt at the same step are never mistaken for this
 one's and are removed once the step is committed.
+
+Each manifest carries a commit sequence number (``sequence``), strictly
+larger than that of every manifest readable when it was committed and at
+least the wall clock in nanoseconds: steps are ordered by commit, not by
+step number, so re-saving an older step (a rolled-back run) makes it the
+latest.
+
+Reading is three-valued: a step is *complete*, *incomplete* (no manifest:
+an interrupted save, safe to remove), *invalid* (a manifest that is
+definitely wrong: not listed, but never removed automatically) or
+*unreadable* (an I/O error other than "no such file" -- EMFILE, EIO,
+ESTALE, EACCES -- while reading its manifest or checking its files: its
+state is unknown, so it is neither listed nor removed).
 """
 
 from __future__ import annotations
@@ -46,6 +59,7 @@ __all__ = [
     "check_manifest",
     "read_manifest",
     "read_manifest_async",
+    "remove_leftover",
     "remove_step",
     "remove_unlisted",
     "scan",
@@ -68,10 +82,19 @@ class Manifest:
     files: tuple[str, ...]
     """Rank file names, indexed by rank."""
     sizes: tuple[int, ...]
+    sequence: int = 0
+    """Commit order within the directory (0 in manifests that predate it)."""
+    committed_at: float = 0.0
+    """Wall-clock time of the commit (informative only)."""
 
     @property
     def world_size(self) -> int:
         return len(self.files)
+
+    @property
+    def order(self) -> tuple[int, int]:
+        """Sort key: commit order, then step number."""
+        return (self.sequence, self.step)
 
 
 def step_dir(directory: Path, step: int) -> Path:
@@ -93,10 +116,18 @@ def fsync_dir(directory: Path) -> None:
 
 
 def read_manifest(sdir: Path, step: int) -> Manifest | None:
-    """The manifest of ``sdir`` if the step is complete, else ``None``."""
+    """The manifest of ``sdir`` if the step is complete, else ``None``.
+
+    ``None`` means definitely not complete: no manifest, or an invalid one.
+
+    Raises:
+        OSError: reading the manifest or checking a listed file failed with
+            an error other than "no such file" (EMFILE, EIO, ESTALE, ...):
+            whether the step is complete is unknown.
+    """
     try:
         raw = (sdir / MANIFEST).read_bytes()
-    except OSError:
+    except (FileNotFoundError, IsADirectoryError):
         return None
     return check_manifest(sdir, step, raw)
 
@@ -109,13 +140,18 @@ async def read_manifest_async(sdir: Path, step: int) -> Manifest | None:
     try:
         async with aiofiles.open(sdir / MANIFEST, "rb") as f:
             raw = await f.read()
-    except OSError:
+    except (FileNotFoundError, IsADirectoryError):
         return None
     return await run_sync(check_manifest, sdir, step, raw)
 
 
 def check_manifest(sdir: Path, step: int, raw: bytes) -> Manifest | None:
-    """Parse a manifest and check the files it lists; ``None`` if incomplete."""
+    """Parse a manifest and check the files it lists; ``None`` if invalid.
+
+    Raises:
+        OSError: a listed file could not be checked (an error other than
+            "no such file"): the step's state is unknown.
+    """
     try:
         data = json.loads(raw)
     except ValueError:
@@ -129,7 +165,9 @@ def check_manifest(sdir: Path, step: int, raw: bytes) -> Manifest | None:
         if [int(e["rank"]) for e in entries] != list(range(len(entries))) or not files:
             return None
         attempt = str(data["attempt"])
-    except (KeyError, TypeError, ValueError):
+        sequence = int(data.get("sequence", 0))
+        committed_at = float(data.get("committed_at", 0.0))
+    except (AttributeError, KeyError, TypeError, ValueError):
         return None
     for name, size in zip(files, sizes, strict=True):
         if "/" in name or name.startswith("."):
@@ -137,9 +175,9 @@ def check_manifest(sdir: Path, step: int, raw: bytes) -> Manifest | None:
         try:
             if os.stat(sdir / name).st_size != size:
                 return None
-        except OSError:
+        except FileNotFoundError:
             return None
-    return Manifest(step, attempt, files, sizes)
+    return Manifest(step, attempt, files, sizes, sequence, committed_at)
 
 
 def write_manifest(sdir: Path, manifest: Manifest) -> None:
@@ -159,7 +197,8 @@ def write_manifest(sdir: Path, manifest: Manifest) -> None:
             {"rank": rank, "file": name, "bytes": size}
             for rank, (name, size) in enumerate(zip(manifest.files, manifest.sizes, strict=True))
         ],
-        "committed_at": time.time(),
+        "sequence": manifest.sequence,
+        "committed_at": manifest.committed_at or time.time(),
     }
     data = json.dumps(body, indent=1).encode()
     tmp = sdir / f".{MANIFEST}.{manifest.attempt}.tmp"
@@ -185,19 +224,26 @@ class Scan:
     """What a checkpoint directory holds."""
 
     complete: list[tuple[int, Path, Manifest]]
-    """Complete steps, ascending."""
+    """Complete steps in commit order, oldest first."""
     incomplete: list[Path]
-    """Step directories without a valid manifest (interrupted saves)."""
+    """Step directories without a manifest (interrupted saves): removable."""
+    invalid: list[Path]
+    """Step directories whose manifest is invalid: not complete, not removed."""
+    unreadable: list[tuple[Path, OSError]]
+    """Step directories whose state is unknown (I/O error): not complete, not removed."""
 
 
 def scan(directory: Path) -> Scan:
-    """List the step directories of ``directory``; other entries are ignored."""
-    complete: list[tuple[int, Path, Manifest]] = []
-    incomplete: list[Path] = []
+    """List the step directories of ``directory``; other entries are ignored.
+
+    Raises:
+        OSError: ``directory`` cannot be listed (other than not existing).
+    """
+    found = Scan([], [], [], [])
     try:
         names = os.listdir(directory)
     except FileNotFoundError:
-        return Scan([], [])
+        return found
     for name in names:
         m = _STEP_RE.fullmatch(name)
         if m is None:
@@ -206,21 +252,60 @@ def scan(directory: Path) -> Scan:
         if not sdir.is_dir() or sdir.is_symlink():
             continue
         step = int(m.group(1))
-        manifest = read_manifest(sdir, step)
+        try:
+            raw = (sdir / MANIFEST).read_bytes()
+        except FileNotFoundError:
+            found.incomplete.append(sdir)
+            continue
+        except IsADirectoryError:
+            found.invalid.append(sdir)
+            continue
+        except OSError as exc:
+            found.unreadable.append((sdir, exc))
+            continue
+        try:
+            manifest = check_manifest(sdir, step, raw)
+        except OSError as exc:
+            found.unreadable.append((sdir, exc))
+            continue
         if manifest is None:
-            incomplete.append(sdir)
+            found.invalid.append(sdir)
         else:
-            complete.append((step, sdir, manifest))
-    complete.sort(key=lambda item: item[0])
-    return Scan(complete, incomplete)
+            found.complete.append((step, sdir, manifest))
+    found.complete.sort(key=lambda item: item[2].order)
+    return found
 
 
 def remove_step(sdir: Path) -> None:
-    """Delete a step: its manifest first (so it stops being complete), then the rest."""
-    with contextlib.suppress(FileNotFoundError):
+    """Delete a step: its manifest first (so it stops being complete), then the rest.
+
+    Raises:
+        OSError: the manifest could not be removed (the step is left whole).
+    """
+    try:
         os.unlink(sdir / MANIFEST)
+    except FileNotFoundError:
+        pass
+    else:
         fsync_dir(sdir)
     shutil.rmtree(sdir, ignore_errors=True)
+
+
+def remove_leftover(sdir: Path) -> bool:
+    """Delete an interrupted save's step directory, if it still has no manifest.
+
+    Returns whether it was deleted.  A directory that holds a
+    ``manifest.json`` (or whose manifest cannot be looked up) is left alone:
+    only rotation (:func:`remove_step`) deletes committed steps.
+    """
+    try:
+        os.lstat(sdir / MANIFEST)
+    except FileNotFoundError:
+        shutil.rmtree(sdir, ignore_errors=True)
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def remove_unlisted(sdir: Path, manifest: Manifest) -> list[str]:

@@ -195,14 +195,38 @@ def test_recover_from_partner_memory() -> None:
     run_group(_recover_memory_worker, 2, timeout=50)
 
 
-async def test_stage_without_process_group_returns_input() -> None:
+async def test_stage_without_process_group_returns_a_cpu_copy() -> None:
     state = make_state(0)
     async with ReplicationStager() as stager:
         out = await stager.stage(state)
-        assert out is state
-        assert stager.storage_dir is None
+        assert out is not state
+        assert_same(out, state)
+
+        def ptr(t: torch.Tensor) -> int:
+            return t.untyped_storage().data_ptr()
+
+        assert ptr(out["base"]) != ptr(state["base"])
+        assert ptr(out["row"]) == ptr(out["base"])  # views still share their storage
+        state["base"].add_(1.0)  # the copy is a snapshot
+        assert not torch.equal(out["base"], state["base"])
+        assert stager.storage_dir is None  # nothing exchanged, nothing written
     with pytest.raises(aiostage.StagerClosedError):
         await stager.stage(state)
+
+
+async def test_save_without_process_group_writes_the_state_as_staged(tmp_path: Path) -> None:
+    # save() returns once staged: mutating the state right away (before the
+    # background writer has run at all) must not reach the file.
+    state = {"w": torch.arange(1 << 16, dtype=torch.float32), "step": 3}
+    expected = state["w"].clone()
+    async with ReplicationStager() as stager:
+        handle = await stager.save(state, tmp_path / "ckpt.pt")
+        state["w"].fill_(-1.0)
+        state["step"] = 4
+        path = await handle.wait()
+    loaded = await aiostage.load(path, verify=True)
+    assert torch.equal(loaded["w"], expected)
+    assert loaded["step"] == 3
 
 
 def test_encode_decode_in_process() -> None:

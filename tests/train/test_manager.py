@@ -10,9 +10,11 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
+import aiofiles
 import anyio
 import pytest
 import torch
@@ -263,7 +265,9 @@ async def test_steps_ignores_incomplete_and_bad_manifests(tmp_path: Path) -> Non
     await mgr.save(5, state(5))
     await mgr.close()
     assert mgr.steps() == [1, 5]
-    assert step_dirs(tmp_path) == ["step_000000001", "step_000000005"]
+    # The save without a manifest is removed; steps holding a manifest, even
+    # an invalid one, are only ever deleted by rotation.
+    assert step_dirs(tmp_path) == [f"step_00000000{i}" for i in (1, 2, 3, 4, 5)]
     assert (tmp_path / "notes.txt").exists()
 
 
@@ -406,3 +410,141 @@ async def test_sigkilled_saver_leaves_only_complete_steps(tmp_path: Path, where:
     await mgr.close()
     assert mgr.steps() == [1, 3]
     assert step_dirs(tmp_path) == ["step_000000001", "step_000000003"]
+
+
+TRANSIENT = (errno.EMFILE, errno.EIO, errno.ESTALE, errno.EACCES)
+
+
+@pytest.mark.parametrize("where", ["manifest", "rank_file"])
+@pytest.mark.parametrize("code", TRANSIENT, ids=[errno.errorcode[c] for c in TRANSIENT])
+async def test_transient_read_errors_never_delete_checkpoints(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str, code: int
+) -> None:
+    """An I/O error while reading manifests means "unknown", never "incomplete"."""
+    async with CheckpointManager(tmp_path, keep_last=3) as mgr:
+        for step in (0, 1, 2):
+            await mgr.save(step, state(step))
+        await mgr.wait()
+        assert mgr.steps() == [0, 1, 2]
+        (tmp_path / "step_000000007").mkdir()  # an interrupted save: no manifest
+        (tmp_path / "step_000000007" / "rank_00000.dead.pt").write_bytes(b"x")
+
+        real_read_bytes, real_stat = Path.read_bytes, os.stat
+
+        def read_bytes(self: Path) -> bytes:
+            if self.name == "manifest.json":
+                raise OSError(code, os.strerror(code), str(self))
+            return real_read_bytes(self)
+
+        def stat(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+            p = Path(os.fspath(path))
+            if p.name.startswith("rank_") and p.parent.name != "step_000000003":
+                raise OSError(code, os.strerror(code), str(p))
+            return real_stat(path, *args, **kwargs)
+
+        real_open = aiofiles.open
+
+        def aio_open(path: Any, *args: Any, **kwargs: Any) -> Any:
+            if Path(os.fspath(path)).name == "manifest.json":
+                raise OSError(code, os.strerror(code), str(path))
+            return real_open(path, *args, **kwargs)
+
+        if where == "manifest":
+            monkeypatch.setattr(Path, "read_bytes", read_bytes)
+            monkeypatch.setattr(aiofiles, "open", aio_open)
+        else:
+            monkeypatch.setattr(os, "stat", stat)
+        # Rank 0 scans the directory while committing step 3: every manifest
+        # (in the "manifest" case also step 3's own) reads as an error.
+        await mgr.save(3, state(3))
+        await mgr.wait()
+        # Nothing whose state is unknown was deleted, step 3 included.  (With
+        # the manifest read failing, even the save without a manifest is
+        # unknown: opening fails before the lookup, as a real EMFILE does.)
+        kept = (0, 1, 2, 3, 7) if where == "manifest" else (0, 1, 2, 3)
+        assert step_dirs(tmp_path) == [f"step_00000000{i}" for i in kept]
+        assert mgr.steps() == ([] if where == "manifest" else [3])  # unknown: not listed
+        with pytest.raises(CheckpointManagerError, match="cannot tell which checkpoint"):
+            await mgr.restore()  # the latest is unknown: none is picked
+        if where == "manifest":
+            with pytest.raises(CheckpointManagerError, match="cannot read the manifest"):
+                await mgr.restore(2)
+        monkeypatch.undo()
+
+        assert mgr.steps() == [0, 1, 2, 3]  # nothing was lost
+        assert (await mgr.restore())["extra"] == {"step": 3}
+        await mgr.save(4, state(4))  # the fault is gone: rotation resumes
+        await mgr.wait()
+        assert mgr.steps() == [2, 3, 4]
+        assert step_dirs(tmp_path) == ["step_000000002", "step_000000003", "step_000000004"]
+
+
+async def test_resaving_an_older_step_makes_it_the_latest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run rolled back to an older step: order by commit, not by step number."""
+    async with CheckpointManager(tmp_path, keep_last=2) as mgr:
+        for step in (10, 20, 30):
+            await mgr.save(step, state(step))
+        await mgr.wait()
+        assert mgr.steps() == [20, 30]
+        await mgr.save(15, state(15))  # rolled back to 15 (say), training again
+        await mgr.wait()
+        assert mgr.steps() == [30, 15]
+        assert await mgr.complete_steps() == [30, 15]
+        assert step_dirs(tmp_path) == ["step_000000015", "step_000000030"]
+        assert (await mgr.restore())["extra"] == {"step": 15}
+        assert (await mgr.restore(30))["extra"] == {"step": 30}
+
+    # A new process, with a wall clock that went backwards: the order comes
+    # from the manifests on disk.
+    monkeypatch.setattr(time, "time_ns", lambda: 1)
+    async with CheckpointManager(tmp_path, keep_last=1) as mgr:
+        assert (await mgr.restore())["extra"] == {"step": 15}
+        await mgr.save(12, state(12))
+        await mgr.wait()
+        assert mgr.steps() == [12]
+        assert step_dirs(tmp_path) == ["step_000000012"]
+        assert (await mgr.restore())["extra"] == {"step": 12}
+
+
+async def test_close_cancelled_while_waiting_for_the_lock_stops_the_save(tmp_path: Path) -> None:
+    stager = GatedStager()
+    mgr = CheckpointManager(tmp_path, stager=stager)
+    stager.gate.set()
+    await mgr.save(1, state(1))
+    await mgr.wait()
+    stager.gate.clear()
+    stager.blocked.clear()
+    await mgr.save(2, state(2))
+    await stager.blocked.wait()  # step 2 is persisting, held at the gate
+    waiting = asyncio.create_task(mgr.wait())  # holds the manager's lock
+    await asyncio.sleep(0)
+    closing = asyncio.create_task(mgr.close())
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert not closing.done()  # blocked on the lock held by wait()
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    # The save in flight was cancelled and waited for before close returned:
+    # once the directory lock is released nothing commits or rotates.
+    stager.gate.set()
+    await waiting
+    assert mgr.steps() == [1]
+    sdir = tmp_path / "step_000000002"
+    assert not (sdir / "manifest.json").exists()
+    assert not any(".aiostage-tmp." in n for n in os.listdir(sdir))
+    with pytest.raises(CheckpointManagerError):
+        await mgr.save(3, state(3))  # closed
+
+
+async def test_history_is_bounded(tmp_path: Path) -> None:
+    async with CheckpointManager(tmp_path, keep_last=1, history_len=2) as mgr:
+        for step in range(5):
+            await mgr.save(step, state(step, numel=10))
+        await mgr.wait()
+        assert [s.step for s in mgr.history] == [3, 4]
+        assert all(s.committed for s in mgr.history)
+    with pytest.raises(ValueError, match="history_len"):
+        CheckpointManager(tmp_path, history_len=0)
