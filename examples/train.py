@@ -42,6 +42,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+# Bitwise reproducibility across processes: MKL may pick kernels by the
+# memory alignment of each buffer, so the same matmul can round differently in
+# a resumed process than in the original.  Conditional Numerical
+# Reproducibility pins that choice; it must be set before MKL loads.
+os.environ.setdefault("MKL_CBWR", "COMPATIBLE")
+
 import numpy as np
 import torch
 
