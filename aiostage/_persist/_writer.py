@@ -127,6 +127,11 @@ def _crc_pool() -> concurrent.futures.ThreadPoolExecutor:
         return _CRC_POOL
 
 
+#: With a spare core, CRCs run beside the writes; on one or two cores a third
+#: busy thread only slows the writer and the event loop, so the CRCs wait for
+#: the last write and overlap the data's fdatasync instead.
+_CRC_BESIDE_WRITES = (os.cpu_count() or 1) > 2
+
 _CRC_POOL: concurrent.futures.ThreadPoolExecutor | None = None
 _CRC_POOL_LOCK = threading.Lock()
 
@@ -295,6 +300,7 @@ async def persist(
     step = "pickling the state"
     temp = _Temp()
     crcs: list[concurrent.futures.Future[None]] = []
+    deferred: list[list[_Piece]] = []
     try:
         plan = await run_sync(_prepare, obj, _force_zip64)
         total = plan.payload_bytes
@@ -312,10 +318,14 @@ async def persist(
                     if piece.start == 0:
                         await wait_ready(piece.rec.storage)
             await run_sync(_write_batch, fd, batch)
-            crcs.append(_crc_pool().submit(_crc_batch, fd, batch))
+            if _CRC_BESIDE_WRITES:
+                crcs.append(_crc_pool().submit(_crc_batch, fd, batch))
+            else:
+                deferred.append(batch)
             done += sum(p.end - p.start for p in batch)
             if progress is not None:
                 progress(done, total)
+        crcs.extend(_crc_pool().submit(_crc_batch, fd, batch) for batch in deferred)
         # The data goes to disk while the last CRCs (and their local headers)
         # finish; then the central directory, and a final short fsync.
         step = "flushing the checkpoint to disk (fsync)"
