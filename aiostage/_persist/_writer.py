@@ -11,9 +11,9 @@ never abandons a thread, even on a plain ``Task.cancel()``):
    large chunks straight from the storage's memory (no copy); small storages
    share one thread hop (at most ``MAX_BATCH_PIECES`` of them, so that the
    loop's per-batch work stays short; the batches are planned in a worker
-   thread).  Behind the writer, one CRC thread folds each
-   written chunk into its record's CRC-32 and writes the record's local
-   header once the record is complete;
+   thread).  Behind the writer (on more than two cores; on fewer, after the
+   last write), one CRC thread folds each written chunk into its record's
+   CRC-32 and writes the record's local header once the record is complete;
 5. ``fdatasync`` the data while the last CRCs finish, then build and write
    the trailing records and the central directory (which carry the CRCs) in
    a worker thread;
