@@ -13,7 +13,6 @@ CRC-32 in chunks, then ``torch.load``.
 from __future__ import annotations
 
 import errno
-import inspect
 import os
 import pickle
 import re
@@ -33,6 +32,7 @@ from aiostage._exceptions import (
     CorruptCheckpointError,
     UnsafeCheckpointError,
 )
+from aiostage._progress import Progress, check_progress
 from aiostage._threads import run_sync
 
 __all__ = ["VERIFY_CHUNK_BYTES", "load", "verify_records"]
@@ -66,7 +66,6 @@ _ZIP_ERRORS = (
 )
 
 MapLocation = str | torch.device | dict[str, str] | Callable[..., Any] | None
-Progress = Callable[[int, int], None]
 SafeGlobal = Callable[..., Any] | type | tuple[Callable[..., Any] | type, str]
 
 _safe_globals_lock = threading.Lock()
@@ -80,22 +79,6 @@ class _Entry:
     data_offset: int
     size: int
     crc: int
-
-
-def _check_progress(progress: object) -> None:
-    """Reject a ``progress`` that could never run: ``async def`` ones are
-    called on the loop but their coroutines never awaited."""
-    if progress is None:
-        return
-    if not callable(progress):
-        raise TypeError(f"progress must be callable as progress(done, total), got {progress!r}")
-    if inspect.iscoroutinefunction(progress) or inspect.iscoroutinefunction(
-        getattr(progress, "__call__", None)  # noqa: B004 - an async __call__
-    ):
-        raise TypeError(
-            "progress must be a plain function called as progress(done, total) on the "
-            "event loop; an async def callback would never run"
-        )
 
 
 def _corrupt(path: str, message: str, info: zipfile.ZipInfo) -> CorruptCheckpointError:
@@ -277,7 +260,7 @@ async def verify_records(path: str | os.PathLike[str], *, progress: Progress | N
         Stops between chunks: the chunk being read is finished by its worker
         thread, then the cancellation is re-raised; nothing is left open.
     """
-    _check_progress(progress)
+    check_progress(progress)
     fspath = os.fspath(path)
     entries = await run_sync(_open_archive, fspath)
     await _verify_entries(fspath, entries, progress)
@@ -487,7 +470,7 @@ async def load(
         re-raised.  Nothing is left open (tensors of a discarded ``mmap``
         load release the file when collected).
     """
-    _check_progress(progress)
+    check_progress(progress)
     fspath = os.fspath(path)
     entries = await run_sync(_open_archive, fspath)
     total = sum(e.size for e in entries)

@@ -28,7 +28,6 @@ from __future__ import annotations
 import concurrent.futures
 import ctypes
 import errno as _errno
-import inspect
 import os
 import threading
 import zlib
@@ -40,6 +39,7 @@ import torch
 
 from aiostage._exceptions import PersistError
 from aiostage._persist import _archive, _atomic
+from aiostage._progress import Progress, check_progress
 from aiostage._threads import run_sync
 
 __all__ = ["DEFAULT_CHUNK_BYTES", "WaitReady", "Progress", "persist"]
@@ -53,7 +53,6 @@ awaits ``wait_ready`` once per storage of a batch before the batch's thread
 hop, so this bounds how long one loop step can take with many tiny tensors."""
 
 WaitReady = Callable[[torch.UntypedStorage], Awaitable[None]]
-Progress = Callable[[int, int], None]
 
 
 @dataclass(eq=False)
@@ -170,22 +169,6 @@ def _wait_all(futures: list[concurrent.futures.Future[None]]) -> None:
         future.result()
 
 
-def _check_progress(progress: object) -> None:
-    """Reject a ``progress`` that could never run: ``async def`` ones are
-    called on the loop but their coroutines never awaited."""
-    if progress is None:
-        return
-    if not callable(progress):
-        raise TypeError(f"progress must be callable as progress(done, total), got {progress!r}")
-    if inspect.iscoroutinefunction(progress) or inspect.iscoroutinefunction(
-        getattr(progress, "__call__", None)  # noqa: B004 - an async __call__
-    ):
-        raise TypeError(
-            "progress must be a plain function called as progress(done, total) on the "
-            "event loop; an async def callback would never run"
-        )
-
-
 def _prepare(obj: object, force_zip64: bool) -> _archive.ArchivePlan:
     pickled, storages = _archive.pickle_state(obj)
     return _archive.plan_archive(pickled, storages, force_zip64=force_zip64)
@@ -295,7 +278,7 @@ async def persist(
         while the finished file is being renamed into place lets the rename
         complete, so ``path`` may hold the new checkpoint.
     """
-    _check_progress(progress)
+    check_progress(progress)
     target = Path(os.fspath(path))
     step = "pickling the state"
     temp = _Temp()

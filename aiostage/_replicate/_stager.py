@@ -329,15 +329,7 @@ class ReplicationStager(_StagerBase):
                 )
             # The skeleton can be built before any bytes land; the writer then
             # takes each storage as soon as it has arrived.
-            replica = await run_sync(
-                functools.partial(
-                    _transport.decode,
-                    got.meta,
-                    got.storages,
-                    meshes=dict(self._meshes),
-                    default_pg=dist.group.WORLD,
-                )
-            )
+            replica = await self._decode(got.meta, got.storages)
             writer = asyncio.ensure_future(persist(replica, path, wait_ready=arrival.wait_ready))
             await exchange
             await writer
@@ -362,6 +354,20 @@ class ReplicationStager(_StagerBase):
                     fut.exception()  # retrieved: the first error is the one raised
             raise
         return replica
+
+    async def _decode(self, meta: bytes, storages: list[torch.UntypedStorage]) -> Any:
+        """Rebuild a received state (in a worker thread) on this rank's meshes.
+
+        Cancellation: the decode in its thread finishes; then it re-raises.
+        """
+        decode = functools.partial(
+            _transport.decode,
+            meta,
+            storages,
+            meshes=dict(self._meshes),
+            default_pg=dist.group.WORLD,
+        )
+        return await run_sync(decode)
 
     async def _exchange(
         self,
@@ -506,15 +512,7 @@ class ReplicationStager(_StagerBase):
                 )
             if got.meta is None:
                 return None
-            return await run_sync(
-                functools.partial(
-                    _transport.decode,
-                    got.meta,
-                    got.storages,
-                    meshes=dict(self._meshes),
-                    default_pg=dist.group.WORLD,
-                )
-            )
+            return await self._decode(got.meta, got.storages)
         finally:
             self._turn.release()
 

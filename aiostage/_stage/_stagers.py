@@ -25,6 +25,7 @@ import anyio.lowlevel
 import torch
 
 from aiostage._exceptions import StagerClosedError
+from aiostage._progress import Progress
 from aiostage._stage._cpu_copy import copy_batch, run_in_threads
 from aiostage._stage._device_copy import DeviceOps, TorchDeviceOps, run_on_stream
 from aiostage._stage._engine import CacheInfo, StateDictStager
@@ -41,7 +42,6 @@ __all__ = ["AsyncStager", "BlockingAsyncStager", "DefaultStager"]
 
 T = TypeVar("T")
 S = TypeVar("S", bound="_StagerBase")
-Progress = Callable[[int, int], None]
 
 #: How long the traversal may hold the event loop before yielding (seconds).
 TRAVERSAL_BUDGET_S = 0.002

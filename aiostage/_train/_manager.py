@@ -32,13 +32,15 @@ import os
 import secrets
 import time
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from aiostage._exceptions import CheckpointManagerError, PersistError
 from aiostage._load._reader import MapLocation, SafeGlobal, load
+from aiostage._persist._atomic import fsync_dir
+from aiostage._progress import Progress
 from aiostage._threads import run_sync, uncancelled
 from aiostage._train import _manifest as mf
 
@@ -50,8 +52,6 @@ if TYPE_CHECKING:
 __all__ = ["CheckpointManager", "SaveStats"]
 
 logger = logging.getLogger("aiostage.train")
-
-Progress = Callable[[int, int], None]
 
 
 class _Saver(Protocol):
@@ -427,7 +427,7 @@ class CheckpointManager:
         known = [m.sequence for _s, _d, m in found.complete] if found is not None else []
         sequence = max(self._sequence + 1, *(q + 1 for q in known), time.time_ns())
         manifest = replace(manifest, sequence=sequence, committed_at=time.time())
-        mf.fsync_dir(self.directory)
+        fsync_dir(self.directory)
         mf.write_manifest(sdir, manifest)
         self._sequence = sequence
         if found is None:

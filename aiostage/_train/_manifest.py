@@ -47,6 +47,7 @@ from pathlib import Path
 
 import aiofiles
 
+from aiostage._persist._atomic import fsync_dir
 from aiostage._threads import run_sync
 
 __all__ = [
@@ -54,7 +55,6 @@ __all__ = [
     "MANIFEST",
     "Manifest",
     "Scan",
-    "fsync_dir",
     "rank_file_name",
     "check_manifest",
     "read_manifest",
@@ -104,15 +104,6 @@ def step_dir(directory: Path, step: int) -> Path:
 
 def rank_file_name(rank: int, attempt: str) -> str:
     return f"rank_{rank:05d}.{attempt}.pt"
-
-
-def fsync_dir(directory: Path) -> None:
-    """fsync a directory so that entries created or renamed in it are durable."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_manifest(sdir: Path, step: int) -> Manifest | None:
