@@ -368,12 +368,21 @@ class StateDictStager:
         whole: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         created = [-1]  # index of the request the last storage_for() made
         by_dst: dict[int, int] = {}
+        # Storages viewed with two dtypes stage fine, but torch.save's format
+        # (and so persist) cannot hold them: remember the first such tensor.
+        dtypes: dict[int, torch.dtype] = {}
+        mixed: list[Path] = []
 
-        def storage_for(src: torch.UntypedStorage, path: Path) -> torch.UntypedStorage:
+        def storage_for(
+            src: torch.UntypedStorage, path: Path, dtype: torch.dtype
+        ) -> torch.UntypedStorage:
             key = src._cdata
             dst = seen.get(key)
             if dst is not None:
+                if dtypes[key] is not dtype and not mixed:
+                    mixed.append(path)
                 return dst
+            dtypes[key] = dtype
             nbytes = src.nbytes()
             dst = cache.get(src)
             fresh = dst is None or dst.nbytes() != nbytes
@@ -414,7 +423,7 @@ class StateDictStager:
                     and t.stride() == entry.stride
                     and t.requires_grad == entry.requires_grad
                 ):
-                    dst = storage_for(src, path)
+                    dst = storage_for(src, path, t.dtype)
                     if dst._cdata == entry.dst_key and _untouched(entry):
                         index, created[0] = created[0], -1
                         if index >= 0 and entry.whole:
@@ -422,7 +431,7 @@ class StateDictStager:
                             whole[index] = (t, plain)
                         return entry.staged
             src = check_stageable(t, path)
-            dst = storage_for(src, path)
+            dst = storage_for(src, path, t.dtype)
             plain, staged = view_on(t, dst)
             index, created[0] = created[0], -1
             dense = (
@@ -448,7 +457,9 @@ class StateDictStager:
             raise
         finally:
             cache.drop_spares()  # spares not taken by this plan are freed
-        return StagePlan(result, requests, new_entries, whole, by_dst)
+        plan = StagePlan(result, requests, new_entries, whole, by_dst)
+        plan.mixed_dtypes = format_path(mixed[0]) if mixed else None
+        return plan
 
     def commit(self, plan: StagePlan) -> None:
         """Keep the storages ``plan`` allocated in the cache (on success)."""

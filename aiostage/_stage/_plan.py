@@ -103,6 +103,9 @@ class StagePlan:
         self._landed: dict[int, anyio.Event] = {}
         self._failed: BaseException | None = None
         self.bytes_done = 0
+        #: Key path of a tensor viewing an already-seen storage with another
+        #: dtype (such a state stages, but cannot be persisted), else None.
+        self.mixed_dtypes: str | None = None
 
     # -- batching -------------------------------------------------------------
 

@@ -24,7 +24,7 @@ import anyio
 import anyio.lowlevel
 import torch
 
-from aiostage._exceptions import StagerClosedError
+from aiostage._exceptions import StagerClosedError, StagingError
 from aiostage._progress import Progress
 from aiostage._stage._cpu_copy import copy_batch, run_in_threads
 from aiostage._stage._device_copy import DeviceOps, TorchDeviceOps, run_on_stream
@@ -158,7 +158,9 @@ class _StagerBase:
         this stager waits for it.
 
         Raises:
-            StagingError: an object cannot be staged (nothing is written).
+            StagingError: an object cannot be staged, or the state cannot be
+                written as a checkpoint (a storage viewed with two dtypes);
+                nothing is written.
             StagerClosedError: the stager was closed.
 
         Cancellation: cancelling ``save()`` itself (before it returns) stops
@@ -175,6 +177,12 @@ class _StagerBase:
         def start_writer(plan: StagePlan) -> None:
             # Called once the plan exists (the skeleton is ready): the writer
             # runs beside the copies and takes each storage as it lands.
+            if plan.mixed_dtypes is not None:
+                raise StagingError(
+                    "a storage is viewed with two dtypes; torch.save's format (and so a "
+                    "checkpoint) cannot hold that: save a copy of this tensor instead",
+                    path=plan.mixed_dtypes,
+                )
             writers.append(
                 asyncio.create_task(
                     persist(plan.result, path, wait_ready=plan.wait_landed, progress=progress)
@@ -290,9 +298,9 @@ class DefaultStager(_StagerBase):
         self, state_dict: Any, on_plan: Callable[[StagePlan], None] | None
     ) -> Any:
         plan = await self._plan(state_dict)
-        if on_plan is not None:
-            on_plan(plan)
         try:
+            if on_plan is not None:
+                on_plan(plan)
             await self._execute(plan)
         except BaseException as exc:
             plan.fail(exc)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from _simdevice import SimulatedDevice
 
-from aiostage import BlockingAsyncStager, DefaultStager, PersistError, StagingOptions
+from aiostage import BlockingAsyncStager, DefaultStager, PersistError, StagingError, StagingOptions
 
 MiB = 1024 * 1024
 
@@ -184,3 +184,19 @@ async def test_persist_holds_the_turn_so_stage_cannot_refresh_its_buffers(
         assert writing.done()
         await writing
     assert_loaded_equals(tmp_path / "ckpt.pt", expected)
+
+
+async def test_save_refuses_a_storage_viewed_with_two_dtypes_up_front(tmp_path: Path) -> None:
+    base = torch.randn(8)
+    sd = {"f": base, "opt": {"bits": base.view(torch.int32)}}
+    async with DefaultStager() as stager:
+        staged = await stager.stage(sd)  # staging such a state is fine
+        assert torch.equal(staged["opt"]["bits"], sd["opt"]["bits"])
+        with pytest.raises(StagingError, match="two dtypes") as err:
+            await stager.save(sd, tmp_path / "ckpt.pt")
+        assert err.value.path == "opt.bits"
+        assert not (tmp_path / "ckpt.pt").exists()
+        assert temp_files(tmp_path) == []
+        # The stager is usable afterwards.
+        handle = await stager.save({"f": base}, tmp_path / "ok.pt")
+        await handle.wait()
