@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
 
-__all__ = ["run_sync", "uncancelled"]
+__all__ = ["run_all", "run_sync", "uncancelled"]
 
 T = TypeVar("T")
 
@@ -75,3 +75,29 @@ async def run_sync(
     """
     call = functools.partial(func, *args)
     return await uncancelled(anyio.to_thread.run_sync(call, limiter=limiter))
+
+
+async def run_all(jobs: Sequence[Callable[[], Awaitable[Any]]]) -> None:
+    """Run ``jobs`` concurrently; the first error cancels the others and is
+    raised as it is (not wrapped in an ExceptionGroup).
+
+    Cancellation:
+        Every job is cancelled and waited for before this re-raises.
+    """
+    if len(jobs) == 1:
+        await jobs[0]()
+        return
+    errors: list[Exception] = []
+
+    async def guarded(job: Callable[[], Awaitable[Any]], scope: anyio.CancelScope) -> None:
+        try:
+            await job()
+        except Exception as exc:
+            errors.append(exc)
+            scope.cancel()
+
+    async with anyio.create_task_group() as tg:
+        for job in jobs:
+            tg.start_soon(guarded, job, tg.cancel_scope)
+    if errors:
+        raise errors[0]

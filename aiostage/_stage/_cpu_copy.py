@@ -21,7 +21,7 @@ from aiostage._exceptions import StagingError
 from aiostage._stage._engine import pin_storage
 from aiostage._stage._plan import CopyBatch, CopyRequest, byte_view
 from aiostage._stage._traverse import format_path
-from aiostage._threads import run_sync
+from aiostage._threads import run_all, run_sync
 
 __all__ = ["copy_batch", "run_in_threads"]
 
@@ -100,23 +100,6 @@ async def run_in_threads(
             await run_sync(copy, requests, batch, limiter=limiter)
             on_done(batch)
 
-    if threads == 1:
-        await worker()
-        return
-    # Errors are kept out of the task group (which would wrap them in an
-    # ExceptionGroup): the first one cancels the other workers, which finish
-    # their batch in flight, and is then raised as it is.
-    errors: list[Exception] = []
-
-    async def guarded(scope: anyio.CancelScope) -> None:
-        try:
-            await worker()
-        except Exception as exc:
-            errors.append(exc)
-            scope.cancel()
-
-    async with anyio.create_task_group() as tg:
-        for _ in range(threads):
-            tg.start_soon(guarded, tg.cancel_scope)
-    if errors:
-        raise errors[0]
+    # The first error cancels the other workers, which finish their batch in
+    # flight, and is then raised as it is.
+    await run_all([worker] * threads)

@@ -31,7 +31,7 @@ from aiostage._stage._device_copy import DeviceOps, TorchDeviceOps, run_on_strea
 from aiostage._stage._engine import CacheInfo, StateDictStager
 from aiostage._stage._options import StagingOptions
 from aiostage._stage._plan import StagePlan
-from aiostage._threads import run_sync, uncancelled
+from aiostage._threads import run_all, run_sync, uncancelled
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -319,24 +319,7 @@ class DefaultStager(_StagerBase):
         by_device: dict[torch.device, list[int]] = {}
         for index, req in enumerate(plan.requests):
             by_device.setdefault(req.src.device, []).append(index)
-        jobs = [self._job(plan, device, indices) for device, indices in by_device.items()]
-        if len(jobs) == 1:
-            await jobs[0]()
-            return
-        errors: list[Exception] = []
-
-        async def guarded(job: Callable[[], Any], scope: anyio.CancelScope) -> None:
-            try:
-                await job()
-            except Exception as exc:
-                errors.append(exc)
-                scope.cancel()
-
-        async with anyio.create_task_group() as tg:
-            for job in jobs:
-                tg.start_soon(guarded, job, tg.cancel_scope)
-        if errors:
-            raise errors[0]
+        await run_all([self._job(plan, device, idx) for device, idx in by_device.items()])
 
     def _job(self, plan: StagePlan, device: torch.device, indices: list[int]) -> Callable[[], Any]:
         opts = self.options
