@@ -317,9 +317,9 @@ async def section_load(args: argparse.Namespace) -> None:
     gc.collect()
     size = fsize(path)
     touched = torch.ones(size, dtype=torch.uint8)
-    for cache in ("cold", "warm"):
+    for cache in ("cold", "warm", "cold", "warm"):
         res: dict[str, float] = {}
-        for name in ("torch.load", "read->fresh", "read->touched", "mmap+copy"):
+        for name in ("torch.load", "aiostage.load", "read->fresh", "read->touched", "mmap+copy"):
             if cache == "cold":
                 drop_cache(path)
             else:
@@ -330,6 +330,8 @@ async def section_load(args: argparse.Namespace) -> None:
                 prof.enable()
                 out: Any = torch.load(path, weights_only=True)
                 prof.disable()
+            elif name == "aiostage.load":
+                out = await aiostage.load(path)
             elif name == "read->fresh":
                 out = torch.empty(size, dtype=torch.uint8)
                 raw_read(out, path)

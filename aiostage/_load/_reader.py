@@ -1,18 +1,23 @@
 """``load``: read a ``torch.save`` archive off the event loop, safely.
 
-Loading always goes through ``torch.load(weights_only=True)``: the pickle can
-only rebuild tensors, containers and primitive types, plus classes the caller
+Loading always uses torch's ``weights_only`` unpickler: the pickle can only
+rebuild tensors, containers and primitive types, plus classes the caller
 allow-lists with ``safe_globals``; it can never run arbitrary code.
 
 The work is a few worker-thread steps (``anyio`` worker threads, never
-abandoned even on a plain ``Task.cancel()``): open and check the archive's directory
-(each entry against its local header), optionally verify every record's
-CRC-32 in chunks, then ``torch.load``.
+abandoned even on a plain ``Task.cancel()``): open and check the archive's
+directory (each entry against its local header), optionally verify every
+record's CRC-32 in chunks, then read the state.  A CPU load reads every
+storage record with ``preadv`` from several threads at once and then
+unpickles (``aiostage._load._records``); ``mmap`` loads, other
+``map_location`` values and big-endian archives go through ``torch.load``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import functools
 import os
 import pickle
 import re
@@ -21,19 +26,21 @@ import struct
 import threading
 import zipfile
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 import torch
 
 from aiostage._exceptions import (
+    AiostageError,
     CheckpointLoadError,
     CorruptCheckpointError,
     UnsafeCheckpointError,
 )
+from aiostage._load import _records
 from aiostage._progress import Progress, check_progress
-from aiostage._threads import run_sync
+from aiostage._threads import run_all, run_sync
 
 __all__ = ["VERIFY_CHUNK_BYTES", "load", "verify_records"]
 
@@ -69,6 +76,12 @@ MapLocation = str | torch.device | dict[str, str] | Callable[..., Any] | None
 SafeGlobal = Callable[..., Any] | type | tuple[Callable[..., Any] | type, str]
 
 _safe_globals_lock = threading.Lock()
+
+READ_THREADS = max(1, min(4, (os.cpu_count() or 1) - 1))
+"""Worker threads that read a checkpoint's records at once.  As with the
+copy threads, one core is left to the event loop: a read into fresh memory
+keeps its thread in the kernel (page faults), and on a 2-core machine two
+readers pushed the loop's p99 lag from about 1-3 ms to 4-9 ms."""
 
 
 @dataclass(frozen=True)
@@ -340,10 +353,9 @@ async def _verify_entries(path: str, entries: Sequence[_Entry], progress: Progre
         _check_crc(path, entry, crc)
 
 
-def _torch_load(
-    path: str, map_location: MapLocation, mmap: bool, safe_globals: Sequence[SafeGlobal]
-) -> Any:
-    """``torch.load(weights_only=True)`` with ``safe_globals`` allow-listed (worker thread).
+@contextlib.contextmanager
+def _allowing(safe_globals: Sequence[SafeGlobal]) -> Iterator[None]:
+    """Allow-list ``safe_globals`` for the weights-only unpickler (worker thread).
 
     torch keeps one process-wide allow-list.  Only the globals not already in
     it are added, and removed again afterwards, so a caller's own
@@ -351,12 +363,63 @@ def _torch_load(
     at a time so that one cannot remove what another still needs.
     """
     if not safe_globals:
-        return torch.load(path, map_location=map_location, mmap=mmap, weights_only=True)
+        yield
+        return
     with _safe_globals_lock:
         present = torch.serialization.get_safe_globals()
         extra = [g for g in safe_globals if g not in present]
         with torch.serialization.safe_globals(extra):
-            return torch.load(path, map_location=map_location, mmap=mmap, weights_only=True)
+            yield
+
+
+def _torch_load(
+    path: str, map_location: MapLocation, mmap: bool, safe_globals: Sequence[SafeGlobal]
+) -> Any:
+    """``torch.load(weights_only=True)`` with ``safe_globals`` allow-listed (worker thread)."""
+    with _allowing(safe_globals):
+        return torch.load(path, map_location=map_location, mmap=mmap, weights_only=True)
+
+
+def _is_cpu(map_location: MapLocation) -> bool:
+    if isinstance(map_location, str):
+        return map_location == "cpu"
+    return isinstance(map_location, torch.device) and map_location == torch.device("cpu")
+
+
+async def _read_state(
+    path: str, entries: Sequence[_Entry], safe_globals: Sequence[SafeGlobal]
+) -> Any:
+    """Load onto the CPU: every storage record read in parallel, then unpickled.
+
+    Raises:
+        Unsupported: the archive needs ``torch.load`` (see ``_records``).
+    """
+    prefix = _records.archive_prefix(entries)
+    by_name = {e.name: e for e in entries}
+    try:
+        fd = await run_sync(os.open, path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise CheckpointLoadError(
+            f"cannot open the checkpoint ({exc.strerror})", path=path
+        ) from exc
+    try:
+        await run_sync(_records.check_byteorder, path, fd, by_name, prefix)
+        storages, batches = await run_sync(_records.plan_reads, entries, prefix)
+        queue = iter(batches)
+
+        async def reader() -> None:
+            # One batch per worker-thread step: a cancellation stops the
+            # readers between batches, and none is left running.
+            for batch in queue:
+                await run_sync(_records.read_batch, path, fd, batch)
+
+        await run_all([reader] * min(READ_THREADS, max(1, len(batches))))
+        pickled = await run_sync(_records.read_pickle, path, fd, by_name[prefix + "data.pkl"])
+        return await run_sync(
+            _records.unpickle, path, pickled, storages, functools.partial(_allowing, safe_globals)
+        )
+    finally:
+        os.close(fd)
 
 
 def _translate(path: str, exc: Exception) -> CheckpointLoadError:
@@ -426,7 +489,10 @@ async def load(
     Args:
         path: a ``torch.save``-format zip archive (the legacy pre-1.6
             non-zip format is not accepted).
-        map_location: as for ``torch.load``; CPU by default.
+        map_location: as for ``torch.load``; CPU by default.  A CPU load
+            reads the records with ``READ_THREADS`` worker threads at once
+            (fresh memory is page-faulted in by several threads while the
+            disk streams); any other value goes through ``torch.load``.
         mmap: map storages from the file instead of reading them
             (``torch.load(mmap=True)``): fast, lazy, and the tensors keep the
             file open.
@@ -464,8 +530,10 @@ async def load(
             callback would never run).
 
     Cancellation:
-        Verification stops between chunks.  The ``torch.load`` step itself
-        cannot be interrupted: its worker thread is waited for (never
+        Verification and reading stop between chunks (16 MiB): the chunks
+        in flight are waited for, their memory released, and the
+        cancellation re-raised.  Unpickling, and a ``torch.load`` step,
+        cannot be interrupted: the worker thread is waited for (never
         abandoned), its result discarded, and then the cancellation is
         re-raised.  Nothing is left open (tensors of a discarded ``mmap``
         load release the file when collected).
@@ -478,7 +546,16 @@ async def load(
         await _verify_entries(fspath, entries, progress)
     allowed = list(safe_globals or ())
     try:
-        result = await run_sync(_torch_load, fspath, map_location, mmap, allowed)
+        if mmap or not _is_cpu(map_location):
+            raise _records.Unsupported("torch.load maps or places the storages")
+        result = await _read_state(fspath, entries, allowed)
+    except _records.Unsupported:
+        try:
+            result = await run_sync(_torch_load, fspath, map_location, mmap, allowed)
+        except Exception as exc:
+            raise _translate(fspath, exc) from exc
+    except AiostageError:
+        raise
     except Exception as exc:
         raise _translate(fspath, exc) from exc
     if progress is not None:

@@ -42,7 +42,7 @@ from aiostage._persist import _archive, _atomic
 from aiostage._progress import Progress, check_progress
 from aiostage._threads import run_sync
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "WaitReady", "Progress", "persist"]
+__all__ = ["DEFAULT_CHUNK_BYTES", "Progress", "WaitReady", "persist", "storage_view"]
 
 DEFAULT_CHUNK_BYTES = 32 * 1024 * 1024
 """Bytes handed to one worker-thread write (and one CRC update)."""
@@ -64,7 +64,7 @@ class _Piece:
     end: int
 
 
-def _storage_view(storage: torch.UntypedStorage) -> memoryview:
+def storage_view(storage: torch.UntypedStorage) -> memoryview:
     """A zero-copy byte view of a CPU storage's memory.
 
     The caller keeps ``storage`` alive for as long as the view is used.
@@ -111,7 +111,7 @@ def _crc_pieces(batch: list[_Piece]) -> None:
     """Fold each piece's bytes into its record's CRC-32, in order."""
     for piece in batch:
         if piece.end > piece.start:
-            view = _storage_view(piece.rec.storage)[piece.start : piece.end]
+            view = storage_view(piece.rec.storage)[piece.start : piece.end]
             piece.rec.crc = zlib.crc32(view, piece.rec.crc)
 
 
@@ -139,7 +139,7 @@ def _write_batch(fd: int, batch: list[_Piece]) -> None:
     """Write one batch of pieces' bytes (in a worker thread).  No CRC here."""
     for piece in batch:
         if piece.end > piece.start:
-            view = _storage_view(piece.rec.storage)[piece.start : piece.end]
+            view = storage_view(piece.rec.storage)[piece.start : piece.end]
             _atomic.write_all(fd, view, piece.rec.data_offset + piece.start)
 
 

@@ -260,10 +260,10 @@ async def test_overwrite_replaces_previous(tmp_path: Path) -> None:
 
 
 def test_storage_view_is_zero_copy() -> None:
-    from aiostage._persist._writer import _storage_view
+    from aiostage._persist._writer import storage_view
 
     t = torch.zeros(16, dtype=torch.uint8)
-    view = _storage_view(t.untyped_storage())
+    view = storage_view(t.untyped_storage())
     t[3] = 200  # a later change to the tensor shows through: no copy was made
     assert bytes(view[3:4]) == bytes([200]) and view.nbytes == 16
     assert view.readonly is False

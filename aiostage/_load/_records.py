@@ -1,0 +1,255 @@
+"""Read a checkpoint's storage records in parallel, then rebuild its state.
+
+``torch.load`` reads one record at a time, on one thread, into memory that is
+faulted in as the bytes arrive: on a cold cache the disk waits for the page
+faults and the page faults wait for the disk.  This path reads every
+``data/<key>`` record first, with ``preadv`` from a few worker threads into
+fresh storages (adjacent small records coalesced into one call, large ones
+cut into chunks so the threads share them evenly), and only then runs
+torch's own weights-only unpickler on ``data.pkl``, handing it the storages
+already read.  The rules of what may be unpickled are torch's, unchanged;
+every storage holds its bytes before any tensor is rebuilt from it.
+
+It applies to CPU loads of little-endian archives (what aiostage and
+``torch.save`` write on every machine torch supports); anything else goes
+through ``torch.load`` (:func:`read_state` raises :class:`Unsupported`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from aiostage._exceptions import CheckpointLoadError, CorruptCheckpointError
+from aiostage._persist._writer import storage_view
+
+__all__ = [
+    "READ_BATCH_BYTES",
+    "SYSCALL_BYTES",
+    "ReadBatch",
+    "Unsupported",
+    "archive_prefix",
+    "check_byteorder",
+    "plan_reads",
+    "read_batch",
+    "read_pickle",
+    "unpickle",
+]
+
+READ_BATCH_BYTES = 16 * 1024 * 1024
+"""Most bytes one ``preadv`` call reads (records larger than this are cut)."""
+
+SYSCALL_BYTES = 1024 * 1024
+"""Most bytes one ``preadv`` system call reads."""
+
+_MAX_GAP = 4096
+"""Records at most this far apart are read by one call (the gap is a local
+header, a data descriptor and alignment padding: a few hundred bytes)."""
+
+_IOV_MAX = 1024
+
+
+class Unsupported(Exception):
+    """The parallel path does not apply to this load; use ``torch.load``."""
+
+
+class RecordEntry(Protocol):
+    """Where a record's bytes lie (``aiostage._load._reader._Entry``)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def data_offset(self) -> int: ...
+
+    @property
+    def size(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class ReadBatch:
+    """One ``preadv`` call: ``parts`` are ``(storage, start, stop)`` byte
+    ranges (``None`` storage: a gap to skip) covering ``[offset, offset + nbytes)``."""
+
+    offset: int
+    nbytes: int
+    parts: tuple[tuple[torch.UntypedStorage | None, int, int], ...]
+
+
+def archive_prefix(entries: Sequence[RecordEntry]) -> str:
+    for e in entries:
+        if e.name == "data.pkl":
+            return ""
+        if e.name.endswith("/data.pkl") and e.name.count("/") == 1:
+            return e.name[: -len("data.pkl")]
+    raise Unsupported("no top-level data.pkl")
+
+
+def plan_reads(
+    entries: Sequence[RecordEntry], prefix: str, batch_bytes: int = READ_BATCH_BYTES
+) -> tuple[dict[str, torch.UntypedStorage], list[ReadBatch]]:
+    """Allocate a storage for every ``{prefix}data/<key>`` record and plan
+    the calls that fill them, in file order.
+
+    Memory is allocated, not touched: the pages are faulted in by the
+    reading threads.
+    """
+    data = prefix + "data/"
+    records = sorted(
+        (e for e in entries if e.name.startswith(data) and "/" not in e.name[len(data) :]),
+        key=lambda e: e.data_offset,
+    )
+    storages: dict[str, torch.UntypedStorage] = {}
+    batches: list[ReadBatch] = []
+    parts: list[tuple[torch.UntypedStorage | None, int, int]] = []
+    start = end = 0
+
+    def flush() -> None:
+        nonlocal parts
+        if parts:
+            batches.append(ReadBatch(start, end - start, tuple(parts)))
+            parts = []
+
+    for e in records:
+        storage = torch.UntypedStorage(e.size)
+        storages[e.name[len(data) :]] = storage
+        if e.size == 0:
+            continue
+        pos = 0
+        while pos < e.size:
+            take = min(e.size - pos, batch_bytes)
+            at = e.data_offset + pos
+            gap = at - end
+            if parts and (
+                gap < 0
+                or gap > _MAX_GAP
+                or end - start + gap + take > batch_bytes
+                or len(parts) + 2 > _IOV_MAX
+            ):
+                flush()
+            if not parts:
+                start = end = at
+            elif gap:
+                parts.append((None, 0, gap))
+            parts.append((storage, pos, pos + take))
+            end = at + take
+            pos += take
+    flush()
+    return storages, batches
+
+
+def read_batch(path: str, fd: int, batch: ReadBatch) -> None:
+    """Fill ``batch``'s storages from the file (blocking; for a worker thread).
+
+    Each ``preadv`` call reads at most ``SYSCALL_BYTES``: a read into fresh
+    memory runs in the kernel for its whole length (page faults included),
+    and a kernel that only preempts at system-call boundaries would keep
+    the event loop's thread off a core that long.
+    """
+    views = [
+        memoryview(bytearray(stop)) if storage is None else storage_view(storage)[lo:stop]
+        for storage, lo, stop in batch.parts
+    ]
+    done = 0
+    while done < batch.nbytes:
+        try:
+            got = os.preadv(fd, _window(views, done, SYSCALL_BYTES), batch.offset + done)
+        except OSError as exc:
+            raise CheckpointLoadError(
+                f"cannot read the checkpoint ({exc.strerror}, errno {exc.errno})", path=path
+            ) from exc
+        if got == 0:
+            raise CorruptCheckpointError(
+                "a record ends past the end of the file (truncated)", path=path
+            )
+        done += got
+
+
+def _window(views: list[memoryview], skip: int, limit: int) -> list[memoryview]:
+    """The bytes ``[skip, skip + limit)`` of the concatenated ``views``."""
+    out: list[memoryview] = []
+    for v in views:
+        if skip >= len(v):
+            skip -= len(v)
+            continue
+        part = v[skip : skip + limit]
+        out.append(part)
+        skip = 0
+        limit -= len(part)
+        if limit == 0:
+            break
+    return out
+
+
+def read_pickle(path: str, fd: int, entry: RecordEntry) -> bytes:
+    """The bytes of ``data.pkl`` (blocking)."""
+    buf = bytearray(entry.size)
+    got = os.preadv(fd, [buf], entry.data_offset) if entry.size else 0
+    if got != entry.size:
+        raise CorruptCheckpointError("data.pkl is truncated", path=path, record=entry.name)
+    return bytes(buf)
+
+
+def check_byteorder(path: str, fd: int, entries: Mapping[str, RecordEntry], prefix: str) -> None:
+    """Raise :class:`Unsupported` unless the archive's storages are in this
+    machine's byte order (torch assumes little-endian when unmarked)."""
+    entry = entries.get(prefix + "byteorder")
+    order = read_pickle(path, fd, entry).decode("ascii", "replace") if entry else "little"
+    if order != sys.byteorder:
+        raise Unsupported(f"byte order {order!r}")
+
+
+def unpickle(
+    path: str,
+    pickled: bytes,
+    storages: Mapping[str, torch.UntypedStorage],
+    allow: Callable[[], contextlib.AbstractContextManager[Any]],
+) -> Any:
+    """Rebuild the state from ``data.pkl`` with torch's weights-only
+    unpickler, each persistent id resolved to its (already read) storage."""
+    from torch import _weights_only_unpickler
+
+    typed: dict[str, torch.storage.TypedStorage] = {}
+
+    def persistent_load(pid: Any) -> torch.storage.TypedStorage:
+        if not (isinstance(pid, tuple) and len(pid) == 5):
+            raise CorruptCheckpointError(f"unexpected persistent id {pid!r}", path=path)
+        _, storage_type, key, _location, numel = pid
+        key = torch.serialization._maybe_decode_ascii(key)
+        if key in typed:
+            return typed[key]
+        dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
+        storage = storages.get(key)
+        if storage is None:
+            raise CorruptCheckpointError(
+                f"data.pkl refers to storage {key!r}, which has no record", path=path
+            )
+        nbytes = numel * torch._utils._element_size(dtype)
+        if storage.nbytes() != nbytes:
+            raise CorruptCheckpointError(
+                f"storage record holds {storage.nbytes()} bytes, data.pkl expects {nbytes}",
+                path=path,
+                record=f"data/{key}",
+            )
+        typed[key] = torch.storage.TypedStorage(wrap_storage=storage, dtype=dtype, _internal=True)
+        return typed[key]
+
+    unpickler = _weights_only_unpickler.Unpickler(io.BytesIO(pickled), encoding="utf-8")
+    unpickler.persistent_load = persistent_load  # type: ignore[method-assign]
+    tls = torch.serialization._serialization_tls
+    before = tls.map_location
+    tls.map_location = "cpu"  # where wrapper subclasses (DTensor) rebuild
+    try:
+        with allow():
+            result = unpickler.load()
+    finally:
+        tls.map_location = before
+    torch._utils._validate_loaded_sparse_tensors()
+    return result

@@ -1,0 +1,244 @@
+"""aiostage.load's parallel record reader: same result as torch.load, batching, faults."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+import sys
+import threading
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import aiostage
+from aiostage import CheckpointLoadError, CorruptCheckpointError
+from aiostage._load import _reader, _records
+
+
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def assert_same(got: Any, want: Any, path: str = "") -> None:
+    """Equal structure, types, dtypes, strides, offsets and bytes."""
+    assert type(got) is type(want), path
+    if isinstance(want, torch.Tensor):
+        assert got.dtype == want.dtype and got.shape == want.shape, path
+        assert got.stride() == want.stride(), path
+        assert got.storage_offset() == want.storage_offset(), path
+        assert got.requires_grad == want.requires_grad, path
+        assert got.device == torch.device("cpu"), path
+        assert torch.equal(as_bytes(got), as_bytes(want)), path
+    elif isinstance(want, dict):
+        assert list(got) == list(want), path
+        for k in want:
+            assert_same(got[k], want[k], f"{path}/{k}")
+    elif isinstance(want, (list, tuple)):
+        assert len(got) == len(want), path
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            assert_same(g, w, f"{path}/{i}")
+    else:
+        assert got == want, path
+
+
+def mixed_state() -> dict[str, Any]:
+    base = torch.arange(1000, dtype=torch.float32)
+    return {
+        "model": {
+            "w": torch.randn(300, 70),
+            "b": torch.randn(70, dtype=torch.float64),
+            "half": torch.randn(33).to(torch.bfloat16),
+            "mask": torch.rand(17) > 0.5,
+            "ints": torch.randint(-(2**40), 2**40, (9,), dtype=torch.int64),
+            "cplx": torch.randn(5, dtype=torch.complex64),
+            "empty": torch.empty(0, 3),
+            "param": torch.nn.Parameter(torch.randn(4, 4)),
+        },
+        # Two views of one storage, one with an offset, one transposed.
+        "views": [base[10:20], base[500:].view(50, 10).t()],
+        "scalar": torch.tensor(3.5),
+        "meta": {"step": 7, "name": "run", "lrs": (0.1, 0.01)},
+        "small": [torch.full((16,), float(i)) for i in range(300)],
+    }
+
+
+@pytest.mark.parametrize("writer", ["aiostage", "torch.save"])
+async def test_same_result_as_torch_load(
+    tmp_path: Path, writer: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = mixed_state()
+    path = tmp_path / "ckpt.pt"
+    if writer == "aiostage":
+        await aiostage.persist(state, path)
+    else:
+        torch.save(state, path)
+    want = torch.load(path, weights_only=True)
+
+    def no_fallback(*args: object) -> None:
+        raise AssertionError("fell back to torch.load")
+
+    monkeypatch.setattr(_reader, "_torch_load", no_fallback)
+    got = await aiostage.load(path)
+    assert_same(got, want)
+    views = got["views"]
+    assert views[0].untyped_storage().data_ptr() == views[1].untyped_storage().data_ptr()
+    assert isinstance(got["model"]["param"], torch.nn.Parameter)
+
+
+async def test_small_batches_cut_and_coalesce(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Records larger than a batch are cut into chunks, small neighbours share
+    one preadv call; the bytes still land where they belong."""
+    state = {"big": torch.randn(100_000), "small": [torch.randn(7) for _ in range(50)]}
+    path = await aiostage.persist(state, tmp_path / "ckpt.pt")
+    monkeypatch.setattr(_records, "READ_BATCH_BYTES", 64 * 1024)
+    calls: list[int] = []
+    real = _records.read_batch
+
+    def counting(path: str, fd: int, batch: _records.ReadBatch) -> None:
+        calls.append(len(batch.parts))
+        real(path, fd, batch)
+
+    monkeypatch.setattr(_records, "read_batch", counting)
+    # plan_reads takes its default batch size at definition time: re-plan with the small one.
+    real_plan = _records.plan_reads
+    monkeypatch.setattr(
+        _records, "plan_reads", lambda entries, prefix: real_plan(entries, prefix, 64 * 1024)
+    )
+    got = await aiostage.load(path)
+    assert_same(got, state)
+    assert len(calls) < 51 + 400_000 // (64 * 1024) + 1  # the 50 small ones were coalesced
+    assert max(calls) > 2  # at least one call read several records (with gaps between)
+    assert sum(1 for c in calls if c == 1) >= 400_000 // (64 * 1024)  # the big one, in chunks
+
+
+def test_plan_reads_covers_each_record_once(tmp_path: Path) -> None:
+    state = {f"t{i}": torch.randn(i * 37 + 1) for i in range(40)}
+    path = tmp_path / "ckpt.pt"
+    torch.save(state, path)
+    entries = _reader._open_archive(str(path))
+    prefix = _records.archive_prefix(entries)
+    storages, batches = _records.plan_reads(entries, prefix, batch_bytes=1000)
+    covered: dict[int, int] = {}
+    for batch in batches:
+        assert sum(stop - lo for _, lo, stop in batch.parts) == batch.nbytes
+        assert batch.nbytes <= 1000
+        for storage, lo, stop in batch.parts:
+            if storage is not None:
+                covered[id(storage)] = covered.get(id(storage), 0) + stop - lo
+    assert covered == {id(s): s.nbytes() for s in storages.values() if s.nbytes()}
+
+
+async def test_file_truncated_after_open_is_corrupt(tmp_path: Path) -> None:
+    path = await aiostage.persist({"w": torch.randn(50_000)}, tmp_path / "ckpt.pt")
+    entries = _reader._open_archive(str(path))
+    _, batches = _records.plan_reads(entries, _records.archive_prefix(entries))
+    os.truncate(path, batches[0].offset + 100)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(CorruptCheckpointError, match="truncated") as info:
+            _records.read_batch(str(path), fd, batches[0])
+    finally:
+        os.close(fd)
+    assert str(path) in str(info.value)
+
+
+async def test_read_error_names_file_and_errno(tmp_path: Path) -> None:
+    path = await aiostage.persist({"w": torch.randn(1000)}, tmp_path / "ckpt.pt")
+    entries = _reader._open_archive(str(path))
+    _, batches = _records.plan_reads(entries, _records.archive_prefix(entries))
+    fd = os.open(tmp_path, os.O_RDONLY)  # a directory: preadv fails with EISDIR
+    try:
+        with pytest.raises(CheckpointLoadError, match="errno") as info:
+            _records.read_batch(str(path), fd, batches[0])
+    finally:
+        os.close(fd)
+    assert str(path) in str(info.value)
+
+
+def write_zip(path: Path, records: dict[str, bytes]) -> Path:
+    """A stored zip of ``records`` with plain attributes (as torch.save writes)."""
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in records.items():
+            info = zipfile.ZipInfo(name)
+            info.external_attr = (stat.S_IFREG | 0o600) << 16
+            zf.writestr(info, data)
+    return path
+
+
+async def test_record_size_mismatch_is_corrupt(tmp_path: Path) -> None:
+    """data.pkl promising more elements than the record holds is refused,
+    naming the record (torch.load would read past it)."""
+    path = tmp_path / "ckpt.pt"
+    torch.save({"w": torch.randn(10)}, path)
+    with zipfile.ZipFile(path) as zf:
+        records = {n: zf.read(n) for n in zf.namelist()}
+    data_name = next(n for n in records if n.endswith("/data/0"))
+    records[data_name] = records[data_name][:20]  # 5 floats instead of 10
+    broken = write_zip(tmp_path / "broken.pt", records)
+    with pytest.raises(CorruptCheckpointError, match=r"data\.pkl expects 40") as info:
+        await aiostage.load(broken)
+    assert "data/0" in str(info.value)
+
+
+@pytest.mark.skipif(sys.byteorder != "little", reason="builds a big-endian archive by hand")
+async def test_big_endian_archive_goes_through_torch_load(tmp_path: Path) -> None:
+    """An archive marked big-endian is byte-swapped by torch.load (the
+    parallel path only reads native-order archives)."""
+    want = torch.arange(12, dtype=torch.float32)
+    path = tmp_path / "le.pt"
+    torch.save({"w": want}, path)
+    with zipfile.ZipFile(path) as zf:
+        records = {n: zf.read(n) for n in zf.namelist()}
+    for name in records:
+        if name.endswith("/byteorder"):
+            records[name] = b"big"
+        if name.endswith("/data/0"):
+            le = records[name]
+            records[name] = b"".join(le[i : i + 4][::-1] for i in range(0, len(le), 4))
+    big = write_zip(tmp_path / "be.pt", records)
+    got = await aiostage.load(big)
+    assert torch.equal(got["w"], want)
+
+
+async def test_cancel_stops_readers_between_batches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelled while reading: no reader thread is left running (each
+    in-flight batch is waited for) and no further batch starts."""
+    path = await aiostage.persist({"w": torch.randn(1_000_000)}, tmp_path / "ckpt.pt")
+    real_plan = _records.plan_reads
+    monkeypatch.setattr(
+        _records, "plan_reads", lambda entries, prefix: real_plan(entries, prefix, 64 * 1024)
+    )
+    loop = asyncio.get_running_loop()
+    started = asyncio.Event()
+    release = threading.Event()
+    lock = threading.Lock()
+    stats = {"in_flight": 0, "started": 0, "max_after_return": 0}
+    real_read = _records.read_batch
+
+    def slow_read(path: str, fd: int, batch: _records.ReadBatch) -> None:
+        with lock:
+            stats["in_flight"] += 1
+            stats["started"] += 1
+        loop.call_soon_threadsafe(started.set)
+        release.wait(timeout=30)
+        real_read(path, fd, batch)
+        with lock:
+            stats["in_flight"] -= 1
+
+    monkeypatch.setattr(_records, "read_batch", slow_read)
+    task = asyncio.create_task(aiostage.load(path))
+    await started.wait()
+    task.cancel()
+    loop.call_soon(release.set)  # let the in-flight batches finish after the cancel
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert stats["in_flight"] == 0
+    assert stats["started"] <= _reader.READ_THREADS  # 62 batches in all; none began after
