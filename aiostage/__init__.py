@@ -20,6 +20,7 @@ from aiostage._exceptions import (
     ReplicationError,
     StagerClosedError,
     StagingError,
+    StateMismatchError,
     UnsafeCheckpointError,
 )
 
@@ -54,6 +55,7 @@ __all__ = [
     "ReplicationError",
     "StagerClosedError",
     "StagingError",
+    "StateMismatchError",
     "UnsafeCheckpointError",
     # stage
     "AsyncStager",

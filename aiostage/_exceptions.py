@@ -10,7 +10,9 @@
     │                                (``.path``, ``.errno``)
     ├── CheckpointLoadError          a checkpoint could not be read
     │   ├── CorruptCheckpointError   a record's bytes or the archive's structure are wrong
-    │   └── UnsafeCheckpointError    ``weights_only`` loading refused a global
+    │   ├── UnsafeCheckpointError    ``weights_only`` loading refused a global
+    │   └── StateMismatchError       ``load(into=...)``: the checkpoint's tensors do not
+    │                                fit the given state (``.key`` names the key path)
     ├── ReplicationError             exchanging state with the partner rank failed
     │   └── PeerTimeoutError         the partner did not answer within the timeout
     └── CheckpointManagerError       no checkpoint to restore, or a bad manifest
@@ -34,6 +36,7 @@ __all__ = [
     "CheckpointLoadError",
     "CorruptCheckpointError",
     "UnsafeCheckpointError",
+    "StateMismatchError",
     "ReplicationError",
     "PeerTimeoutError",
     "CheckpointManagerError",
@@ -104,6 +107,20 @@ class UnsafeCheckpointError(CheckpointLoadError):
 
     Allow-list trusted classes with ``aiostage.load(path, safe_globals=[...])``.
     """
+
+
+class StateMismatchError(CheckpointLoadError):
+    """``load(path, into=state)``: a tensor of the checkpoint has no
+    counterpart of the same shape and dtype in ``state``, or the other way
+    round.
+
+    ``key`` is the key path in the state, dotted (``"model.layer.weight"``).
+    Raised before any tensor of ``state`` is written.
+    """
+
+    def __init__(self, message: str, *, key: str, path: str | os.PathLike[str]) -> None:
+        super().__init__(f"{message} (at {key!r})", path=path)
+        self.key = key
 
 
 class ReplicationError(AiostageError):

@@ -18,6 +18,7 @@ EXPECTED = {
     "ReplicationError",
     "StagerClosedError",
     "StagingError",
+    "StateMismatchError",
     "UnsafeCheckpointError",
     # stage
     "AsyncStager",

@@ -38,7 +38,7 @@ from aiostage._exceptions import (
     CorruptCheckpointError,
     UnsafeCheckpointError,
 )
-from aiostage._load import _records
+from aiostage._load import _into, _records
 from aiostage._progress import Progress, check_progress
 from aiostage._threads import run_all, run_sync
 
@@ -387,24 +387,28 @@ def _is_cpu(map_location: MapLocation) -> bool:
 
 
 async def _read_state(
-    path: str, entries: Sequence[_Entry], safe_globals: Sequence[SafeGlobal]
+    path: str, entries: Sequence[_Entry], safe_globals: Sequence[SafeGlobal], into: Any
 ) -> Any:
-    """Load onto the CPU: every storage record read in parallel, then unpickled.
+    """Load onto the CPU: every storage record read in parallel, then unpickled
+    (into fresh storages), or unpickled first and then read (``into``).
 
     Raises:
         Unsupported: the archive needs ``torch.load`` (see ``_records``).
     """
     prefix = _records.archive_prefix(entries)
     by_name = {e.name: e for e in entries}
+    data = prefix + "data/"
+    sizes = {e.name[len(data) :]: e.size for e in entries if e.name.startswith(data)}
+    check = _records.sized(path, sizes)
+    allow = functools.partial(_allowing, safe_globals)
     try:
         fd = await run_sync(os.open, path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
         raise CheckpointLoadError(
             f"cannot open the checkpoint ({exc.strerror})", path=path
         ) from exc
-    try:
-        await run_sync(_records.check_byteorder, path, fd, by_name, prefix)
-        storages, batches = await run_sync(_records.plan_reads, entries, prefix)
+
+    async def read(batches: list[_records.ReadBatch]) -> None:
         queue = iter(batches)
 
         async def reader() -> None:
@@ -414,10 +418,37 @@ async def _read_state(
                 await run_sync(_records.read_batch, path, fd, batch)
 
         await run_all([reader] * min(READ_THREADS, max(1, len(batches))))
+
+    try:
+        await run_sync(_records.check_byteorder, path, fd, by_name, prefix)
         pickled = await run_sync(_records.read_pickle, path, fd, by_name[prefix + "data.pkl"])
-        return await run_sync(
-            _records.unpickle, path, pickled, storages, functools.partial(_allowing, safe_globals)
+        if into is None:
+            storages, batches = await run_sync(_records.plan_reads, entries, prefix)
+            await read(batches)
+
+            def storage_for(key: str, nbytes: int) -> torch.UntypedStorage:
+                check(key, nbytes)
+                return storages[key]
+
+            return await run_sync(_records.unpickle, path, pickled, storage_for, allow)
+
+        keys: dict[int, str] = {}
+        metas: list[torch.UntypedStorage] = []
+
+        def meta_for(key: str, nbytes: int) -> torch.UntypedStorage:
+            check(key, nbytes)
+            metas.append(torch.UntypedStorage(nbytes, device="meta"))
+            keys[metas[-1]._cdata] = key
+            return metas[-1]
+
+        loaded = await run_sync(_records.unpickle, path, pickled, meta_for, allow)
+        placement = await run_sync(_into.place, path, loaded, into, keys, sizes)
+        scratch, batches = await run_sync(
+            functools.partial(_records.plan_reads, targets=placement.targets), entries, prefix
         )
+        await read(batches)
+        await run_sync(_into.copy_rest, placement.copies, scratch)
+        return placement.result
     finally:
         os.close(fd)
 
@@ -474,6 +505,7 @@ async def load(
     *,
     map_location: MapLocation = "cpu",
     mmap: bool = False,
+    into: Any = None,
     verify: bool = False,
     safe_globals: Sequence[SafeGlobal] | None = None,
     progress: Progress | None = None,
@@ -496,6 +528,18 @@ async def load(
         mmap: map storages from the file instead of reading them
             (``torch.load(mmap=True)``): fast, lazy, and the tensors keep the
             file open.
+        into: a state to read the checkpoint into, in place: dicts, lists
+            and tuples of dense CPU tensors, such as a model's
+            ``state_dict()`` or :func:`aiostage.get_state`'s result.  Each
+            tensor of the checkpoint is read straight into the tensor at the
+            same key path, so the load allocates no memory for the state
+            and makes no second copy when restoring.  Every tensor of the
+            checkpoint needs a counterpart of the same shape and dtype, and
+            every tensor of ``into`` one in the checkpoint; otherwise
+            :class:`StateMismatchError` names the key path, before anything
+            is written.  Returns the checkpoint's structure and non-tensor
+            values with ``into``'s tensors in it.  Not with ``mmap`` or a
+            non-CPU ``map_location``.
         verify: first check every record's CRC-32 against the archive's
             directory (reads the whole file once more).  Without it a
             flipped bit in a storage is *not* detected.  Either way the
@@ -524,6 +568,9 @@ async def load(
             mismatch; ``record`` names the record when one is at fault.
         UnsafeCheckpointError: the checkpoint refers to a class not
             allow-listed; pass it in ``safe_globals`` if you trust the file.
+        StateMismatchError: (``into``) the checkpoint's tensors do not fit
+            ``into``'s; ``key`` names the first key path that differs.
+        ValueError: ``into`` with ``mmap`` or a non-CPU ``map_location``.
             (A ``data.pkl`` that the unpickler cannot parse is a
             :class:`CorruptCheckpointError`.)
         TypeError: ``progress`` is not a plain callable (an ``async def``
@@ -536,7 +583,9 @@ async def load(
         cannot be interrupted: the worker thread is waited for (never
         abandoned), its result discarded, and then the cancellation is
         re-raised.  Nothing is left open (tensors of a discarded ``mmap``
-        load release the file when collected).
+        load release the file when collected).  With ``into``, a load
+        cancelled (or failing) while reading leaves ``into``'s tensors
+        holding a mix of old and new values: load the checkpoint again.
     """
     check_progress(progress)
     fspath = os.fspath(path)
@@ -545,11 +594,21 @@ async def load(
     if verify:
         await _verify_entries(fspath, entries, progress)
     allowed = list(safe_globals or ())
+    if into is not None and (mmap or not _is_cpu(map_location)):
+        raise ValueError(
+            "load(into=...) reads into CPU tensors: it takes neither mmap nor map_location"
+        )
     try:
         if mmap or not _is_cpu(map_location):
             raise _records.Unsupported("torch.load maps or places the storages")
-        result = await _read_state(fspath, entries, allowed)
+        result = await _read_state(fspath, entries, allowed, into)
     except _records.Unsupported:
+        if into is not None:
+            raise CheckpointLoadError(
+                "load(into=...) cannot read this archive (it is not in this machine's "
+                "byte order); load it without into",
+                path=fspath,
+            ) from None
         try:
             result = await run_sync(_torch_load, fspath, map_location, mmap, allowed)
         except Exception as exc:

@@ -40,6 +40,7 @@ __all__ = [
     "plan_reads",
     "read_batch",
     "read_pickle",
+    "sized",
     "unpickle",
 ]
 
@@ -93,13 +94,19 @@ def archive_prefix(entries: Sequence[RecordEntry]) -> str:
 
 
 def plan_reads(
-    entries: Sequence[RecordEntry], prefix: str, batch_bytes: int = READ_BATCH_BYTES
+    entries: Sequence[RecordEntry],
+    prefix: str,
+    batch_bytes: int = READ_BATCH_BYTES,
+    targets: Mapping[str, tuple[torch.UntypedStorage, int]] | None = None,
 ) -> tuple[dict[str, torch.UntypedStorage], list[ReadBatch]]:
-    """Allocate a storage for every ``{prefix}data/<key>`` record and plan
-    the calls that fill them, in file order.
+    """Plan the calls that read every ``{prefix}data/<key>`` record, in file order.
 
-    Memory is allocated, not touched: the pages are faulted in by the
-    reading threads.
+    A record named in ``targets`` (key -> ``(storage, byte offset)``) is read
+    into that memory; every other record gets a fresh storage (allocated,
+    not touched: the reading threads fault its pages in).
+
+    Returns:
+        The fresh storages by key, and the batches.
     """
     data = prefix + "data/"
     records = sorted(
@@ -118,8 +125,12 @@ def plan_reads(
             parts = []
 
     for e in records:
-        storage = torch.UntypedStorage(e.size)
-        storages[e.name[len(data) :]] = storage
+        key = e.name[len(data) :]
+        if targets is not None and key in targets:
+            storage, base = targets[key]
+        else:
+            storage, base = torch.UntypedStorage(e.size), 0
+            storages[key] = storage
         if e.size == 0:
             continue
         pos = 0
@@ -138,7 +149,7 @@ def plan_reads(
                 start = end = at
             elif gap:
                 parts.append((None, 0, gap))
-            parts.append((storage, pos, pos + take))
+            parts.append((storage, base + pos, base + pos + take))
             end = at + take
             pos += take
     flush()
@@ -209,11 +220,12 @@ def check_byteorder(path: str, fd: int, entries: Mapping[str, RecordEntry], pref
 def unpickle(
     path: str,
     pickled: bytes,
-    storages: Mapping[str, torch.UntypedStorage],
+    storage_for: Callable[[str, int], torch.UntypedStorage],
     allow: Callable[[], contextlib.AbstractContextManager[Any]],
 ) -> Any:
     """Rebuild the state from ``data.pkl`` with torch's weights-only
-    unpickler, each persistent id resolved to its (already read) storage."""
+    unpickler; ``storage_for(key, nbytes)`` gives the storage of each
+    persistent id (called once per key)."""
     from torch import _weights_only_unpickler
 
     typed: dict[str, torch.storage.TypedStorage] = {}
@@ -226,18 +238,7 @@ def unpickle(
         if key in typed:
             return typed[key]
         dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
-        storage = storages.get(key)
-        if storage is None:
-            raise CorruptCheckpointError(
-                f"data.pkl refers to storage {key!r}, which has no record", path=path
-            )
-        nbytes = numel * torch._utils._element_size(dtype)
-        if storage.nbytes() != nbytes:
-            raise CorruptCheckpointError(
-                f"storage record holds {storage.nbytes()} bytes, data.pkl expects {nbytes}",
-                path=path,
-                record=f"data/{key}",
-            )
+        storage = storage_for(key, numel * torch._utils._element_size(dtype))
         typed[key] = torch.storage.TypedStorage(wrap_storage=storage, dtype=dtype, _internal=True)
         return typed[key]
 
@@ -253,3 +254,22 @@ def unpickle(
         tls.map_location = before
     torch._utils._validate_loaded_sparse_tensors()
     return result
+
+
+def sized(path: str, sizes: Mapping[str, int]) -> Callable[[str, int], None]:
+    """A check that storage ``key`` has a record of ``nbytes`` bytes."""
+
+    def check(key: str, nbytes: int) -> None:
+        have = sizes.get(key)
+        if have is None:
+            raise CorruptCheckpointError(
+                f"data.pkl refers to storage {key!r}, which has no record", path=path
+            )
+        if have != nbytes:
+            raise CorruptCheckpointError(
+                f"storage record holds {have} bytes, data.pkl expects {nbytes}",
+                path=path,
+                record=f"data/{key}",
+            )
+
+    return check
