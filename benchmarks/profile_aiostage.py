@@ -371,8 +371,12 @@ def rss_child(mode: str, size_gib: float, saves: int, directory: str) -> list[in
                     state[k] = torch.full_like(state[k], float(step))
             if mode == "stage":
                 await stager.stage(state)
-            elif mode == "save":
+            elif mode in ("save", "save-trim"):
                 await (await stager.save(state, Path(directory) / "prof-rss-child.pt")).wait()
+                if mode == "save-trim":
+                    import ctypes
+
+                    ctypes.CDLL("libc.so.6").malloc_trim(0)
             out.append(rss_bytes() // MIB)
         await stager.close()
         return out
@@ -390,6 +394,7 @@ def section_rss_modes(args: argparse.Namespace) -> None:
         ("replace tensors only (no aiostage)", "none", {}),
         ("stage() each step", "stage", {}),
         ("save() each step", "save", {}),
+        ("save() each step, then malloc_trim(0)", "save-trim", {}),
         (
             "save() each step, MALLOC_MMAP_THRESHOLD_=131072",
             "save",

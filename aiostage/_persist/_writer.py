@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from aiostage._exceptions import PersistError
+from aiostage._memory import release_free_memory
 from aiostage._persist import _archive, _atomic
 from aiostage._progress import Progress, check_progress
 from aiostage._threads import run_sync
@@ -325,6 +326,8 @@ async def persist(
         await run_sync(temp.commit, target)
         step = "flushing the directory (fsync); the new checkpoint is in place"
         await run_sync(_atomic.fsync_dir, target.parent)
+        # Hand back the heap memory this save freed (see aiostage._memory).
+        await run_sync(release_free_memory)
     except BaseException as exc:
 
         def cleanup() -> None:
