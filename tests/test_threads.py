@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 import time
 
 import anyio
 import pytest
+from _ticker import LoopTicker
 
-from aiostage._threads import run_sync, uncancelled
+from aiostage._threads import GilTurns, run_sync, uncancelled
 
 
 async def test_anyio_cancel_waits_for_the_thread_without_spinning() -> None:
@@ -61,3 +63,28 @@ async def test_uncancelled_returns_the_result_when_not_cancelled() -> None:
         return 7
 
     assert await uncancelled(value()) == 7
+
+
+def _busy(seconds: float, turn: GilTurns | None) -> int:
+    """Pure-Python work that holds the GIL (as an unpickler does)."""
+    end = time.perf_counter() + seconds
+    n = 0
+    while time.perf_counter() < end:
+        n += sum(i * i for i in range(200))
+        if turn is not None:
+            turn()
+    return n
+
+
+@pytest.mark.parametrize("turns", [True, False])
+async def test_gil_turns_let_the_loop_run_beside_pure_python_work(turns: bool) -> None:
+    """CPython makes a thread that wants the GIL wait a switch interval
+    (5 ms); with GilTurns the worker hands it over every millisecond, so
+    the loop's median wake-up gap stays near its 1 ms sleep."""
+    async with LoopTicker() as ticker:
+        await run_sync(_busy, 0.3, GilTurns() if turns else None)
+    median = ticker.percentile(0.5)
+    if turns:
+        assert median < 0.004, median
+    else:  # the control: without turns the loop waits out the switch interval
+        assert median >= 0.9 * sys.getswitchinterval(), median

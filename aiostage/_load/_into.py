@@ -23,6 +23,7 @@ import torch
 
 from aiostage._exceptions import StateMismatchError
 from aiostage._stage._traverse import Path, format_path
+from aiostage._threads import GilTurns
 
 __all__ = ["Placement", "copy_rest", "place"]
 
@@ -74,6 +75,7 @@ class _Matcher:
     def __init__(self, file: str) -> None:
         self.file = file
         self.pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.turn = GilTurns()  # pure Python in a worker thread: let the loop run
 
     def fail(self, message: str, where: Path) -> StateMismatchError:
         return StateMismatchError(message, key=format_path(where), path=self.file)
@@ -94,6 +96,7 @@ class _Matcher:
         )
 
     def tensor(self, loaded: torch.Tensor, into: Any, where: Path) -> torch.Tensor:
+        self.turn()
         if type(loaded) not in (torch.Tensor, torch.nn.Parameter) or loaded.layout != torch.strided:
             raise self.fail(
                 f"load(into=...) fills dense tensors; the checkpoint holds a "

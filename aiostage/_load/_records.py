@@ -29,6 +29,7 @@ import torch
 
 from aiostage._exceptions import CheckpointLoadError, CorruptCheckpointError
 from aiostage._persist._writer import storage_view
+from aiostage._threads import GilTurns
 
 __all__ = [
     "READ_BATCH_BYTES",
@@ -229,8 +230,10 @@ def unpickle(
     from torch import _weights_only_unpickler
 
     typed: dict[str, torch.storage.TypedStorage] = {}
+    turn = GilTurns()  # the unpickler is pure Python: let the event loop run
 
     def persistent_load(pid: Any) -> torch.storage.TypedStorage:
+        turn()
         if not (isinstance(pid, tuple) and len(pid) == 5):
             raise CorruptCheckpointError(f"unexpected persistent id {pid!r}", path=path)
         _, storage_type, key, _location, numel = pid
