@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import mmap
 import threading
+import time
 import warnings
 import weakref
 from collections.abc import Generator
@@ -25,7 +26,16 @@ import torch
 from aiostage._exceptions import StagingError
 from aiostage._stage._options import accelerator_available
 from aiostage._stage._plan import CopyRequest, StagePlan, byte_view
-from aiostage._stage._traverse import Path, Traversal, check_stageable, format_path, view_on
+from aiostage._stage._traverse import (
+    _ATOMIC,
+    _PLAIN_TENSORS,
+    ROOT,
+    Path,
+    Traversal,
+    check_stageable,
+    format_path,
+    view_on,
+)
 
 __all__ = ["CacheInfo", "StateDictStager", "pin_storage"]
 
@@ -251,6 +261,45 @@ class _TensorCache:
         self._entries.clear()
 
 
+class _Replay:
+    """How the last successful plan staged a flat dict, to stage it again fast.
+
+    States are usually staged again and again with the same dict of the same
+    tensors.  For a ``dict`` whose values are plain tensors (without
+    attributes) or atomic values, the engine keeps, per key, what it checked
+    and built: the source tensor (weakly), its dtype and geometry, its
+    staging storage, the staged tensor and its request number.  The next
+    plan of a dict with the same keys, in the same order, then checks each
+    tensor against that record and rebuilds the plan from it without a
+    traversal; any difference (another tensor object, new storage, dtype,
+    offset, size, stride or ``requires_grad``, a resized storage, an
+    attribute, a staged result the caller changed in place) abandons the
+    replay and the full plan runs instead.
+
+    When a recorded source tensor dies the record is dropped at once, so it
+    does not keep staging memory alive.  Records reference this object only
+    through the weak references' callback; :meth:`kill` breaks that cycle.
+    """
+
+    __slots__ = ("by_device", "by_dst", "keys", "mixed", "records")
+
+    def __init__(self, keys: list[Any], by_dst: dict[int, int], mixed: str | None) -> None:
+        self.keys = keys
+        self.by_dst = by_dst
+        self.mixed = mixed
+        # The same source storages (checked) are on the same devices.
+        self.by_device: dict[torch.device, list[int]] | None = None
+        self.records: list[tuple[Any, ...] | None] | None = []
+
+    def kill(self, _ref: Any = None) -> None:
+        """Forget every record (also the weak references' callback)."""
+        self.records = None
+
+
+#: Check the clock every this many tensors in a replay.
+_REPLAY_TICK = 64
+
+
 class StateDictStager:
     """Deep-copies any object so that every tensor lives in CPU memory.
 
@@ -290,6 +339,7 @@ class StateDictStager:
         self._tensors = _TensorCache()
         self._cuda_pinning = pin_memory and torch.cuda.is_available()
         self._lock = threading.Lock()
+        self._replay: _Replay | None = None
 
     # -- public, blocking ----------------------------------------------------
 
@@ -343,8 +393,14 @@ class StateDictStager:
     def close(self) -> None:
         """Release every cached staging storage (pinned memory is unpinned
         when the last staged tensor using it is freed)."""
+        self._drop_replay()
         self._cache.clear()
         self._tensors.clear()
+
+    def _drop_replay(self) -> None:
+        replay, self._replay = self._replay, None
+        if replay is not None:
+            replay.kill()
 
     # -- the two halves the async stagers drive ------------------------------
 
@@ -356,6 +412,12 @@ class StateDictStager:
         A generator: with ``budget_s`` set it yields after about that much
         work so that an event loop can run in between.
         """
+        replay, self._replay = self._replay, None
+        if replay is not None:
+            replayed = yield from self._replay_plan(obj, replay, budget_s)
+            if replayed is not None:
+                return replayed
+            replay.kill()
         requests: list[CopyRequest] = []
         # Fresh staging storages enter the cache as they are allocated (so the
         # cost is spread over the time-sliced traversal) and are taken out
@@ -459,11 +521,179 @@ class StateDictStager:
             cache.drop_spares()  # spares not taken by this plan are freed
         plan = StagePlan(result, requests, new_entries, whole, by_dst)
         plan.mixed_dtypes = format_path(mixed[0]) if mixed else None
+        plan.replay = self._record(obj, result, requests, by_dst, plan.mixed_dtypes)
+        return plan
+
+    def _record(
+        self,
+        obj: Any,
+        result: Any,
+        requests: list[CopyRequest],
+        by_dst: dict[int, int],
+        mixed: str | None,
+    ) -> _Replay | None:
+        """The :class:`_Replay` of a fresh plan of a flat dict, or None."""
+        if type(obj) is not dict or type(result) is not dict or len(result) != len(obj):
+            return None
+        replay = _Replay(list(obj), by_dst, mixed)
+        records: list[tuple[Any, ...] | None] = []
+        created = 0
+        for key, value in obj.items():
+            cls = type(value)
+            if cls in _ATOMIC:
+                records.append(None)
+                continue
+            if cls not in _PLAIN_TENSORS or getattr(value, "__dict__", None):
+                return None
+            entry = self._tensors.get(value)
+            if entry is None or entry.staged is not result.get(key, None):
+                return None
+            index = by_dst.get(entry.dst_key)
+            if index is None or index > created:
+                return None
+            creator = index == created
+            created += creator
+            req = requests[index]
+            stored = self._cache._entries.get(entry.src_key)
+            if stored is None or stored[1] is not req.dst or stored[0]() is not req.src:
+                return None
+            records.append(
+                (
+                    weakref.ref(value, replay.kill),
+                    stored[0],
+                    entry.dtype,
+                    entry.offset,
+                    entry.size,
+                    entry.stride,
+                    entry.requires_grad,
+                    req.dst,
+                    req.nbytes,
+                    entry.staged,
+                    entry.plain,
+                    entry.dst_key,
+                    index,
+                    creator,
+                    creator and entry.whole,
+                )
+            )
+        if created != len(requests):
+            return None
+        replay.records = records
+        return replay
+
+    def _replay_plan(
+        self, obj: Any, replay: _Replay, budget_s: float | None
+    ) -> Generator[None, None, StagePlan | None]:
+        """The plan of ``obj`` rebuilt from ``replay``, or None if anything changed.
+
+        No cache changes here: when it returns None nothing happened.
+        """
+        records = replay.records
+        if records is None or type(obj) is not dict or len(obj) != len(records):
+            return None
+        keys = list(obj)
+        if keys != replay.keys:
+            return None
+        values = list(obj.values())
+        new_request = tuple.__new__
+        result: dict[Any, Any] = {}
+        requests: list[CopyRequest] = []
+        whole: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        deadline = float("inf") if budget_s is None else time.perf_counter() + budget_s
+        ticks = 0
+        for key, value, rec in zip(keys, values, records, strict=True):
+            if rec is None:
+                if type(value) not in _ATOMIC:
+                    return None
+                result[key] = value
+                continue
+            (
+                ref,
+                src_ref,
+                dtype,
+                offset,
+                size,
+                stride,
+                requires_grad,
+                dst,
+                nbytes,
+                staged,
+                plain,
+                dst_key,
+                index,
+                creator,
+                dense,
+            ) = rec
+            if ref() is not value or getattr(value, "__dict__", None):
+                return None
+            src = value.untyped_storage()
+            # src_ref is the storage cache's reference to the source storage:
+            # that cache entry changes only through a plan (which took this
+            # replay away), discard() or close() (which kill it), or the
+            # source's death (then src_ref() is None).  So the same storage
+            # still stages into ``dst``.
+            if (
+                src_ref() is not src
+                or src.nbytes() != nbytes
+                or value.dtype is not dtype
+                or value.storage_offset() != offset
+                or value.size() != size
+                or value.stride() != stride
+                or value.requires_grad != requires_grad
+                or staged.requires_grad != requires_grad
+            ):
+                return None
+            # The caller may have changed a staged result in place (see _untouched).
+            if (
+                staged.size() != size
+                or staged.stride() != stride
+                or staged.storage_offset() != offset
+                or staged.untyped_storage()._cdata != dst_key
+                or getattr(staged, "__dict__", None)
+            ):
+                return None
+            if plain is not None and (
+                plain.size() != size
+                or plain.stride() != stride
+                or plain.storage_offset() != offset
+                or plain.untyped_storage()._cdata != dst_key
+                or getattr(plain, "__dict__", None)
+            ):
+                return None
+            if creator:
+                if index != len(requests):
+                    return None
+                # tuple.__new__: a NamedTuple with defaults builds through a Python call.
+                requests.append(new_request(CopyRequest, (src, dst, nbytes, (ROOT, key), False)))
+                if dense:
+                    whole[index] = (value, staged if plain is None else plain)
+            result[key] = staged
+            ticks += 1
+            if ticks >= _REPLAY_TICK:
+                ticks = 0
+                if time.perf_counter() >= deadline:
+                    yield
+                    if replay.records is not records:  # a source died meanwhile
+                        return None
+                    deadline = time.perf_counter() + (budget_s or 0.0)
+        if len(requests) != len(replay.by_dst):
+            return None
+        self._cache.drop_spares()
+        plan = StagePlan(result, requests, [], whole, replay.by_dst)
+        plan.mixed_dtypes = replay.mixed
+        plan.replay = replay
+        plan._by_device = replay.by_device
         return plan
 
     def commit(self, plan: StagePlan) -> None:
         """Keep the storages ``plan`` allocated in the cache (on success)."""
         plan.new_entries = []
+        replay, plan.replay = plan.replay, None
+        if replay is not None and replay.records is not None:
+            if replay.by_device is None:
+                replay.by_device = plan._by_device
+            self._drop_replay()
+            self._replay = replay
 
     def discard(self, plan: StagePlan) -> None:
         """Forget a plan that failed or was cancelled: the storages it
@@ -471,3 +701,6 @@ class StateDictStager:
         for src in plan.new_entries:
             self._cache.pop(src)
         plan.new_entries = []
+        replay, plan.replay = plan.replay, None
+        if replay is not None and replay is not self._replay:
+            replay.kill()

@@ -106,6 +106,20 @@ class StagePlan:
         #: Key path of a tensor viewing an already-seen storage with another
         #: dtype (such a state stages, but cannot be persisted), else None.
         self.mixed_dtypes: str | None = None
+        #: The engine's record for staging the same state again without a
+        #: traversal (kept by ``commit``); opaque here.
+        self.replay: Any = None
+        self._by_device: dict[torch.device, list[int]] | None = None
+
+    def by_device(self) -> dict[torch.device, list[int]]:
+        """Request indices grouped by their source's device, in order (computed once;
+        a replayed plan gets them from the plan it replays)."""
+        if self._by_device is None:
+            groups: dict[torch.device, list[int]] = {}
+            for index, req in enumerate(self.requests):
+                groups.setdefault(req.src.device, []).append(index)
+            self._by_device = groups
+        return self._by_device
 
     # -- batching -------------------------------------------------------------
 
@@ -124,9 +138,18 @@ class StagePlan:
         pending: list[Segment] = []
         size = 0
         remaining = self._remaining
-        for index in range(len(self.requests)) if indices is None else indices:
-            req = self.requests[index]
-            nbytes = req.nbytes
+        requests = self.requests
+        new_segment = tuple.__new__  # a NamedTuple's own __new__ is a Python call
+        for index in range(len(requests)) if indices is None else indices:
+            nbytes = requests[index].nbytes
+            if 0 < nbytes <= chunk_bytes - size:
+                # The common case of a small storage: one segment, its last.
+                pending.append(new_segment(Segment, (index, 0, nbytes)))
+                size += nbytes
+                if size >= chunk_bytes or len(pending) >= MAX_SEGMENTS:
+                    yield CopyBatch(tuple(pending), size)
+                    pending, size = [], 0
+                continue
             start = 0
             while start < nbytes:
                 take = min(nbytes - start, chunk_bytes - size)

@@ -316,10 +316,8 @@ class DefaultStager(_StagerBase):
                 copy_batch(plan.requests, batch, plan.whole)
                 plan.batch_done(batch)
             return
-        by_device: dict[torch.device, list[int]] = {}
-        for index, req in enumerate(plan.requests):
-            by_device.setdefault(req.src.device, []).append(index)
-        await run_all([self._job(plan, device, idx) for device, idx in by_device.items()])
+        jobs = [self._job(plan, device, idx) for device, idx in plan.by_device().items()]
+        await run_all(jobs)
 
     def _job(self, plan: StagePlan, device: torch.device, indices: list[int]) -> Callable[[], Any]:
         opts = self.options

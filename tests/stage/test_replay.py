@@ -1,0 +1,219 @@
+"""The engine's replay of a flat dict staged again: it must never go stale.
+
+After a successful stage of a dict of plain tensors and atomic values, the
+next stage of a dict with the same keys checks each tensor against a record
+and rebuilds the plan without a traversal.  Each test changes something
+between calls and checks the result is still an exact copy of the source.
+"""
+
+from __future__ import annotations
+
+import gc
+from typing import Any
+
+import pytest
+import torch
+
+import aiostage
+from aiostage import StateDictStager
+
+
+def assert_copy(out: dict[str, Any], sd: dict[str, Any]) -> None:
+    assert list(out) == list(sd)
+    for key, value in sd.items():
+        if isinstance(value, torch.Tensor):
+            got = out[key]
+            assert type(got) is type(value)
+            assert got.dtype == value.dtype and got.shape == value.shape
+            assert got.stride() == value.stride()
+            assert got.requires_grad == value.requires_grad
+            assert torch.equal(got, value), key
+            assert got.untyped_storage().data_ptr() != value.untyped_storage().data_ptr()
+        else:
+            assert out[key] == value
+
+
+def assert_cached(stager: StateDictStager, out: dict[str, Any], sd: dict[str, Any]) -> None:
+    """Each source storage's cache entry is the staging storage its result uses."""
+    for key, value in sd.items():
+        if isinstance(value, torch.Tensor):
+            dst = stager._cache.get(value.untyped_storage())
+            assert dst is not None, key
+            assert dst.data_ptr() == out[key].untyped_storage().data_ptr(), key
+
+
+def state() -> dict[str, Any]:
+    base = torch.arange(12, dtype=torch.float32)
+    return {
+        "a": torch.randn(5),
+        "view": base[2:8],
+        "same_storage": base.view(3, 4),
+        "p": torch.nn.Parameter(torch.randn(3)),
+        "step": 7,
+        "name": "x",
+    }
+
+
+def stage_twice(stager: StateDictStager, sd: dict[str, Any]) -> dict[str, Any]:
+    stager.stage(sd)
+    out = stager.stage(sd)
+    assert stager._replay is not None  # the second call was a replay and is kept
+    return out
+
+
+def test_a_replayed_stage_returns_the_same_objects_with_fresh_bytes() -> None:
+    stager = StateDictStager()
+    sd = state()
+    first = stager.stage(sd)
+    assert stager._replay is not None
+    sd["a"].add_(1)
+    sd["p"].data.mul_(2)
+    sd["step"] = 8
+    second = stager.stage(sd)
+    assert second is not first
+    assert all(second[k] is first[k] for k in ("a", "view", "same_storage", "p"))
+    assert second["view"].untyped_storage() is second["same_storage"].untyped_storage()
+    assert_copy(second, sd)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        "replace_tensor",
+        "add_key",
+        "remove_key",
+        "reorder_keys",
+        "set_storage",
+        "data_assign",
+        "resize_tensor",
+        "shrink_tensor",
+        "resize_storage",
+        "requires_grad",
+        "attribute",
+        "atomic_to_tensor",
+        "tensor_to_object",
+        "share_storage",
+    ],
+)
+def test_a_change_between_calls_is_staged_exactly(change: str) -> None:
+    stager = StateDictStager()
+    sd = state()
+    stage_twice(stager, sd)
+    if change == "replace_tensor":
+        sd["a"] = torch.randn(5)
+    elif change == "add_key":
+        sd["new"] = torch.ones(2)
+    elif change == "remove_key":
+        del sd["view"]
+    elif change == "reorder_keys":
+        sd = {k: sd[k] for k in reversed(list(sd))}
+    elif change == "set_storage":
+        sd["a"].set_(torch.arange(5, dtype=torch.float32).untyped_storage(), 0, (5,), (1,))
+    elif change == "data_assign":
+        sd["p"].data = torch.arange(4, dtype=torch.float64)
+    elif change == "resize_tensor":
+        sd["a"].resize_(40)
+        sd["a"].copy_(torch.arange(40, dtype=torch.float32))
+    elif change == "shrink_tensor":
+        sd["a"].resize_(3)  # same storage, stride and offset: only the size tells
+    elif change == "resize_storage":
+        # Same tensor geometry, bigger storage: the staging storage must follow.
+        sd["a"].untyped_storage().resize_(64)
+    elif change == "requires_grad":
+        sd["p"].requires_grad_(False)
+    elif change == "attribute":
+        sd["a"].note = "added"
+    elif change == "atomic_to_tensor":
+        sd["step"] = torch.tensor(8)
+    elif change == "tensor_to_object":
+        sd["a"] = [torch.ones(3), 1]
+    elif change == "share_storage":
+        sd["a"] = sd["view"][1:3]
+    out = stager.stage(sd)
+    if change == "attribute":
+        assert out["a"].note == "added"
+    if change == "tensor_to_object":
+        assert isinstance(out["a"], list) and torch.equal(out["a"][0], sd["a"][0])
+        del sd["a"], out["a"]
+    if change == "share_storage":
+        assert out["a"].untyped_storage() is out["view"].untyped_storage()
+    assert_copy(out, sd)
+    assert_cached(stager, out, sd)
+    # And the stage after that (a replay of the new structure, where it has one) too.
+    for value in sd.values():
+        if isinstance(value, torch.Tensor):
+            value.data.add_(1)
+    out = stager.stage(sd)
+    assert_copy(out, sd)
+    assert_cached(stager, out, sd)
+
+
+@pytest.mark.parametrize(
+    "change", ["unsqueeze", "t", "shrink", "set", "requires_grad", "attribute"]
+)
+def test_a_replayed_result_changed_in_place_is_not_handed_out_again(change: str) -> None:
+    stager = StateDictStager()
+    sd = {
+        "m": torch.arange(6.0).reshape(2, 3),
+        "v": torch.arange(6.0),
+        "p": torch.nn.Parameter(torch.randn(2, 2)),
+    }
+    out = stage_twice(stager, sd)
+    if change == "unsqueeze":
+        out["m"].unsqueeze_(0)
+    elif change == "t":
+        with torch.no_grad():
+            out["p"].t_()
+    elif change == "shrink":
+        out["v"].resize_(4)  # same storage, stride and offset: only the size tells
+    elif change == "set":
+        out["m"].set_(torch.zeros(6).untyped_storage(), 0, (2, 3), (3, 1))
+    elif change == "requires_grad":
+        out["p"].requires_grad_(False)
+    elif change == "attribute":
+        out["m"].note = "mine"
+    again = stager.stage(sd)
+    assert not hasattr(again["m"], "note")
+    assert_copy(again, sd)
+
+
+def test_a_dead_source_drops_the_replay_and_its_staging_memory_is_reused() -> None:
+    stager = StateDictStager()
+    sd = {"a": torch.randn(1000), "b": torch.randn(10)}
+    out = stage_twice(stager, sd)
+    replay = stager._replay
+    assert replay is not None
+    old_ptr = out["a"].untyped_storage().data_ptr()
+    del out
+    sd["a"] = torch.randn(1000)  # the old source dies: the records go at once
+    gc.collect()
+    assert replay.records is None
+    again = stager.stage(sd)
+    assert again["a"].untyped_storage().data_ptr() == old_ptr
+    assert_copy(again, sd)
+
+
+def test_close_drops_the_replay() -> None:
+    stager = StateDictStager()
+    sd = state()
+    stage_twice(stager, sd)
+    stager.close()
+    assert stager._replay is None
+    assert_copy(stager.stage(sd), sd)
+
+
+async def test_the_async_stager_replays_many_tensors_exactly() -> None:
+    # Enough tensors for the replay to yield to the loop between slices.
+    sd: dict[str, Any] = {f"t{i}": torch.full((4,), float(i)) for i in range(3000)}
+    sd["big"] = torch.randn(100_000)
+    async with aiostage.DefaultStager() as stager:
+        first = await stager.stage(sd)
+        for value in sd.values():
+            value.add_(1)
+        second = await stager.stage(sd)
+        assert second["t5"] is first["t5"]
+        assert_copy(second, sd)
+        sd["t2999"] = torch.zeros(4)
+        sd["t0"].set_(torch.ones(8).untyped_storage(), 2, (4,), (1,))
+        third = await stager.stage(sd)
+        assert_copy(third, sd)
