@@ -19,7 +19,7 @@ import torch
 
 #: At most this many segments in one batch, so that per-batch bookkeeping (in
 #: the copy thread and on the loop) stays short for states of tiny tensors.
-MAX_SEGMENTS = 256
+MAX_SEGMENTS = 1024
 
 __all__ = ["CopyBatch", "CopyRequest", "Segment", "StagePlan", "byte_view"]
 
