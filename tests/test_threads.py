@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import threading
 import time
+from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
+import torch
 from _ticker import LoopTicker
 
-from aiostage._threads import GilTurns, run_sync, uncancelled
+import aiostage
+from aiostage import _threads
+from aiostage._threads import GilTurns, run_background, run_sync, uncancelled
 
 
 async def test_anyio_cancel_waits_for_the_thread_without_spinning() -> None:
@@ -88,3 +94,43 @@ async def test_gil_turns_let_the_loop_run_beside_pure_python_work(turns: bool) -
         assert median < 0.004, median
     else:  # the control: without turns the loop waits out the switch interval
         assert median >= 0.9 * sys.getswitchinterval(), median
+
+
+def _own_niceness() -> int:
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
+async def test_background_threads_run_at_lower_priority(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The checkpoint writer's threads are niced (default +10) and the
+    caller's thread is not; the environment variable sets the increment."""
+    from aiostage._persist import _writer
+
+    seen: list[int] = []
+    real = _writer._write_batch
+
+    def spy(fd: int, batch: Any) -> None:
+        seen.append(_own_niceness())
+        real(fd, batch)
+
+    monkeypatch.setattr(_writer, "_write_batch", spy)
+    base = _own_niceness()
+    for env, want in (("", min(19, base + 10)), ("3", min(19, base + 3)), ("0", base)):
+        monkeypatch.setenv(_threads.BACKGROUND_NICE_ENV, env)
+        monkeypatch.setattr(_threads, "_background", None)  # a pool made with this setting
+        seen.clear()
+        await aiostage.persist({"w": torch.ones(10)}, tmp_path / "ckpt.pt")
+        assert seen and set(seen) == {want}, (env, seen)
+        assert await run_background(_own_niceness) == want
+        _threads._background_pool().shutdown()
+    assert _own_niceness() == base
+    assert await run_sync(_own_niceness) == base  # anyio's threads are left alone
+
+
+@pytest.mark.parametrize("bad", ["x", "-1", "20"])
+def test_bad_background_nice_is_refused_by_name(monkeypatch: pytest.MonkeyPatch, bad: str) -> None:
+    monkeypatch.setenv(_threads.BACKGROUND_NICE_ENV, bad)
+    with pytest.raises(ValueError, match=_threads.BACKGROUND_NICE_ENV):
+        _threads.background_executor()

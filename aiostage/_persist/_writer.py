@@ -1,8 +1,9 @@
 """``persist``: write a state durably as a ``torch.save`` archive, off the loop.
 
-The write is a short series of worker-thread steps (``anyio`` worker
-threads, awaited through :func:`aiostage._threads.run_sync`, which
-never abandons a thread, even on a plain ``Task.cancel()``):
+The write is a short series of worker-thread steps (aiostage's background
+threads, which run at a lower CPU priority, awaited through
+:func:`aiostage._threads.run_background`, which never abandons a thread,
+even on a plain ``Task.cancel()``):
 
 1. pickle the state (metadata only) and plan every record's offset;
 2. create the temp file next to the target, removing stale temps first;
@@ -41,7 +42,7 @@ from aiostage._exceptions import PersistError
 from aiostage._memory import release_free_memory
 from aiostage._persist import _archive, _atomic
 from aiostage._progress import Progress, check_progress
-from aiostage._threads import run_sync
+from aiostage._threads import background_executor, run_background
 
 __all__ = ["DEFAULT_CHUNK_BYTES", "Progress", "WaitReady", "persist", "storage_view"]
 
@@ -121,9 +122,7 @@ def _crc_pool() -> concurrent.futures.ThreadPoolExecutor:
     global _CRC_POOL
     with _CRC_POOL_LOCK:
         if _CRC_POOL is None:
-            _CRC_POOL = concurrent.futures.ThreadPoolExecutor(
-                max_workers=1, thread_name_prefix="aiostage-crc"
-            )
+            _CRC_POOL = background_executor("aiostage-crc", workers=1)
         return _CRC_POOL
 
 
@@ -286,22 +285,22 @@ async def persist(
     crcs: list[concurrent.futures.Future[None]] = []
     deferred: list[list[_Piece]] = []
     try:
-        plan = await run_sync(_prepare, obj, _force_zip64)
+        plan = await run_background(_prepare, obj, _force_zip64)
         total = plan.payload_bytes
         step = "creating the temp file"
-        fd = await run_sync(temp.open, target)
+        fd = await run_background(temp.open, target)
         step = "writing the checkpoint"
-        await run_sync(_atomic.write_all, fd, plan.head, 0)
+        await run_background(_atomic.write_all, fd, plan.head, 0)
         done = len(plan.head_records[0].data)
         if progress is not None:
             progress(done, total)
-        batches = await run_sync(_batches, plan.storages, max(1, _chunk_bytes))
+        batches = await run_background(_batches, plan.storages, max(1, _chunk_bytes))
         for batch in batches:
             if wait_ready is not None:
                 for piece in batch:
                     if piece.start == 0:
                         await wait_ready(piece.rec.storage)
-            await run_sync(_write_batch, fd, batch)
+            await run_background(_write_batch, fd, batch)
             if _CRC_BESIDE_WRITES:
                 crcs.append(_crc_pool().submit(_crc_batch, fd, batch))
             else:
@@ -313,21 +312,21 @@ async def persist(
         # The data goes to disk while the last CRCs (and their local headers)
         # finish; then the central directory, and a final short fsync.
         step = "flushing the checkpoint to disk (fsync)"
-        await run_sync(os.fdatasync, fd)
+        await run_background(os.fdatasync, fd)
         step = "checksumming the checkpoint"
-        await run_sync(_wait_all, crcs)
+        await run_background(_wait_all, crcs)
         step = "writing the checkpoint"
-        await run_sync(_write_tail, fd, plan)
+        await run_background(_write_tail, fd, plan)
         step = "flushing the checkpoint to disk (fsync)"
-        await run_sync(os.fsync, fd)
+        await run_background(os.fsync, fd)
         step = "closing the temp file"
-        await run_sync(temp.close)
+        await run_background(temp.close)
         step = "renaming the temp file over the checkpoint"
-        await run_sync(temp.commit, target)
+        await run_background(temp.commit, target)
         step = "flushing the directory (fsync); the new checkpoint is in place"
-        await run_sync(_atomic.fsync_dir, target.parent)
+        await run_background(_atomic.fsync_dir, target.parent)
         # Hand back the heap memory this save freed (see aiostage._memory).
-        await run_sync(release_free_memory)
+        await run_background(release_free_memory)
     except BaseException as exc:
 
         def cleanup() -> None:
@@ -337,8 +336,8 @@ async def persist(
             temp.discard()
 
         if crcs or temp.fd is not None or temp.path is not None:
-            # run_sync finishes the cleanup even if cancelled again meanwhile.
-            await run_sync(cleanup)
+            # run_background finishes the cleanup even if cancelled again meanwhile.
+            await run_background(cleanup)
         if isinstance(exc, OSError):
             raise PersistError(
                 f"{step} failed ({exc.strerror or exc})", path=target, errno=exc.errno
