@@ -550,6 +550,22 @@ class Bench:
             setup=lambda: warm_file(path),
             paired="A.raw_read_warm",
         )
+        # load(into=): the restore case, into tensors that already exist
+        # (touched): the same memory situation as the raw-read limits.
+        into = [await aiostage.load(path)]
+        await self.time_async(
+            self.phase("A.load_into_cold", "A: aiostage load(into=) (cold)", nbytes),
+            lambda: aiostage.load(path, into=into[0]),
+            setup=lambda: drop_cache(path),
+            paired="A.raw_read_cold",
+        )
+        await self.time_async(
+            self.phase("A.load_into_warm", "A: aiostage load(into=) (page cache)", nbytes),
+            lambda: aiostage.load(path, into=into[0]),
+            setup=lambda: warm_file(path),
+            paired="A.raw_read_warm",
+        )
+        into.clear()
         touch_times: list[float] = []
 
         def touch(loaded: Any) -> None:
@@ -837,20 +853,37 @@ def evaluate(b: Bench) -> list[dict[str, Any]]:
         if "A.dcp" in p:
             r = p["A.save_warm"].median / p["A.dcp"].median
             row("save() stage->durable / dcp.async_save total", r, 0.5, r <= 0.5)
+    if "A.load_into_cold" in p:
+        r = paired_throughput(p["A.load_into_cold"])
+        row("load(into=) cold / raw read cold throughput (paired)", r, 0.8, r >= 0.8)
+        r = paired_throughput(p["A.load_into_warm"])
+        row("load(into=) warm / raw read warm throughput (paired)", r, 0.8, r >= 0.8)
+    if "A.load_cold" in p and "A.raw_read_cold_fresh" in p:
+        r = p["A.load_cold"].gbps / p["A.raw_read_cold_fresh"].gbps
+        row(
+            "load() cold / raw read cold into a fresh buffer",
+            r,
+            0.8,
+            r >= 0.8,
+            "both allocate the memory they read into",
+        )
     if "A.load_cold" in p:
         r = paired_throughput(p["A.load_cold"])
-        row("load() cold / raw read cold throughput (paired)", r, 0.8, r >= 0.8)
+        row(
+            "(info) load() cold / raw read cold into touched memory (paired)",
+            r,
+            0.8,
+            r >= 0.8,
+            "page faults of fresh memory vs none",
+        )
         r = paired_throughput(p["A.load_warm"])
-        row("load() warm / raw read warm throughput (paired)", r, 0.8, r >= 0.8)
-        if "A.raw_read_cold_fresh" in p:
-            r = p["A.load_cold"].gbps / p["A.raw_read_cold_fresh"].gbps
-            row(
-                "(info) load() cold / raw read cold into a fresh buffer",
-                r,
-                0.8,
-                r >= 0.8,
-                "the limit for a load that allocates its memory",
-            )
+        row(
+            "(info) load() warm / raw read warm into touched memory (paired)",
+            r,
+            0.8,
+            r >= 0.8,
+            "page faults of fresh memory vs none",
+        )
     if "B.stage_warm" in p and "A.stage_warm" in p:
         per_a = p["A.stage_warm"].median / p["A.stage_warm"].nbytes
         per_b = p["B.stage_warm"].median / p["B.stage_warm"].nbytes
@@ -959,8 +992,9 @@ def print_table(b: Bench, targets: list[dict[str, Any]]) -> None:
             f"{t['target'][:70]:70s} {t['value']:8.3f} {t['limit']:7.2f}  "
             f"{'PASS' if t['pass'] else 'FAIL'}  {t['note']}"
         )
-    passed = sum(t["pass"] for t in targets)
-    print(f"\n{passed}/{len(targets)} targets pass")
+    counted = [t for t in targets if not t["target"].startswith("(info)")]
+    passed = sum(t["pass"] for t in counted)
+    print(f"\n{passed}/{len(counted)} targets pass ((info) rows not counted)")
 
 
 def machine_info(workdir: Path) -> dict[str, Any]:
