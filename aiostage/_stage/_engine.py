@@ -513,6 +513,8 @@ class StateDictStager:
         traversal = Traversal(stage_tensor, type_check=type_check, budget_s=budget_s)
         try:
             result = yield from traversal.run(obj)
+            mixed_path = format_path(mixed[0]) if mixed else None
+            replay = yield from self._record(obj, result, requests, by_dst, mixed_path, budget_s)
         except BaseException:  # including GeneratorExit when the caller gives up
             for src in new_entries:
                 cache.pop(src)
@@ -520,8 +522,8 @@ class StateDictStager:
         finally:
             cache.drop_spares()  # spares not taken by this plan are freed
         plan = StagePlan(result, requests, new_entries, whole, by_dst)
-        plan.mixed_dtypes = format_path(mixed[0]) if mixed else None
-        plan.replay = self._record(obj, result, requests, by_dst, plan.mixed_dtypes)
+        plan.mixed_dtypes = mixed_path
+        plan.replay = replay
         return plan
 
     def _record(
@@ -531,21 +533,36 @@ class StateDictStager:
         requests: list[CopyRequest],
         by_dst: dict[int, int],
         mixed: str | None,
-    ) -> _Replay | None:
-        """The :class:`_Replay` of a fresh plan of a flat dict, or None."""
+        budget_s: float | None,
+    ) -> Generator[None, None, _Replay | None]:
+        """The :class:`_Replay` of a fresh plan of a flat dict, or None.
+
+        A generator that yields like the traversal (about every ``budget_s``).
+        """
         if type(obj) is not dict or type(result) is not dict or len(result) != len(obj):
             return None
-        replay = _Replay(list(obj), by_dst, mixed)
+        items = list(obj.items())  # the caller's loop may run in between
+        replay = _Replay([key for key, _ in items], by_dst, mixed)
+        kill = replay.kill
+        tensor_entry = self._tensors.get
+        storage_entry = self._cache._entries.get
         records: list[tuple[Any, ...] | None] = []
         created = 0
-        for key, value in obj.items():
+        deadline = float("inf")
+        if budget_s is not None:
+            yield  # the traversal may have used up its slice
+            deadline = time.perf_counter() + budget_s
+        for ticks, (key, value) in enumerate(items, 1):
+            if ticks % _REPLAY_TICK == 0 and time.perf_counter() >= deadline:
+                yield
+                deadline = time.perf_counter() + (budget_s or 0.0)
             cls = type(value)
             if cls in _ATOMIC:
                 records.append(None)
                 continue
             if cls not in _PLAIN_TENSORS or getattr(value, "__dict__", None):
                 return None
-            entry = self._tensors.get(value)
+            entry = tensor_entry(value)
             if entry is None or entry.staged is not result.get(key, None):
                 return None
             index = by_dst.get(entry.dst_key)
@@ -554,12 +571,12 @@ class StateDictStager:
             creator = index == created
             created += creator
             req = requests[index]
-            stored = self._cache._entries.get(entry.src_key)
+            stored = storage_entry(entry.src_key)
             if stored is None or stored[1] is not req.dst or stored[0]() is not req.src:
                 return None
             records.append(
                 (
-                    weakref.ref(value, replay.kill),
+                    weakref.ref(value, kill),
                     stored[0],
                     entry.dtype,
                     entry.offset,
@@ -576,7 +593,7 @@ class StateDictStager:
                     creator and entry.whole,
                 )
             )
-        if created != len(requests):
+        if created != len(requests) or replay.records is None:  # None: a source died
             return None
         replay.records = records
         return replay

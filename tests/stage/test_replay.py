@@ -217,3 +217,31 @@ async def test_the_async_stager_replays_many_tensors_exactly() -> None:
         sd["t0"].set_(torch.ones(8).untyped_storage(), 2, (4,), (1,))
         third = await stager.stage(sd)
         assert_copy(third, sd)
+
+
+@pytest.mark.parametrize("steps", [1, 3, 10, 40])
+def test_a_dict_changed_while_a_sliced_plan_yields_is_staged_exactly_next_time(
+    steps: int,
+) -> None:
+    # budget_s=0 yields at every chance; the dict changes at one of them, as
+    # a caller's task could while the async stagers give the loop a turn.
+    stager = StateDictStager()
+    sd: dict[str, Any] = {f"t{i}": torch.full((3,), float(i)) for i in range(300)}
+    for _ in range(2):  # the 1st plan records, the 2nd one replays
+        gen = stager.plan(sd, budget_s=0.0)
+        plan = None
+        try:
+            for _ in range(steps):
+                next(gen)
+            sd["t7"] = torch.zeros(5)
+            sd["t250"].set_(torch.ones(3).untyped_storage(), 0, (3,), (1,))
+            while True:
+                next(gen)
+        except StopIteration as stop:
+            plan = stop.value
+        assert plan is not None
+        stager._copy_all(plan, False)
+        stager.commit(plan)
+        out = stager.stage(sd)
+        assert_copy(out, sd)
+        assert_cached(stager, out, sd)
