@@ -8,9 +8,12 @@ The work is a few worker-thread steps (``anyio`` worker threads, never
 abandoned even on a plain ``Task.cancel()``): open and check the archive's
 directory (each entry against its local header), optionally verify every
 record's CRC-32 in chunks, then read the state.  A CPU load reads every
-storage record with ``preadv`` from several threads at once and then
-unpickles (``aiostage._load._records``); ``mmap`` loads, other
-``map_location`` values and big-endian archives go through ``torch.load``.
+storage record with ``preadv`` (``READ_THREADS`` threads) and then unpickles
+(``aiostage._load._records``); an ``mmap`` load maps the file once and
+unpickles onto slices of the mapping; ``into`` reads into existing tensors
+(``aiostage._load._into``).  Other ``map_location`` values and big-endian
+archives go through ``torch.load``.  The unpickler hands the GIL to the
+event loop every millisecond, so even large pickles do not stall it.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import zipfile
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import torch
 
@@ -380,6 +383,12 @@ def _torch_load(
         return torch.load(path, map_location=map_location, mmap=mmap, weights_only=True)
 
 
+def _map_file(path: str) -> torch.UntypedStorage:
+    """The whole file as one private, copy-on-write mapped CPU storage."""
+    whole = torch.UntypedStorage.from_file(path, False, os.stat(path).st_size)
+    return cast(torch.UntypedStorage, whole)
+
+
 def _is_cpu(map_location: MapLocation) -> bool:
     if isinstance(map_location, str):
         return map_location == "cpu"
@@ -387,10 +396,15 @@ def _is_cpu(map_location: MapLocation) -> bool:
 
 
 async def _read_state(
-    path: str, entries: Sequence[_Entry], safe_globals: Sequence[SafeGlobal], into: Any
+    path: str,
+    entries: Sequence[_Entry],
+    safe_globals: Sequence[SafeGlobal],
+    into: Any,
+    mmap: bool = False,
 ) -> Any:
     """Load onto the CPU: every storage record read in parallel, then unpickled
-    (into fresh storages), or unpickled first and then read (``into``).
+    (into fresh storages), or unpickled first and then read (``into``), or
+    unpickled onto slices of one private mapping of the file (``mmap``).
 
     Raises:
         Unsupported: the archive needs ``torch.load`` (see ``_records``).
@@ -422,6 +436,17 @@ async def _read_state(
     try:
         await run_sync(_records.check_byteorder, path, fd, by_name, prefix)
         pickled = await run_sync(_records.read_pickle, path, fd, by_name[prefix + "data.pkl"])
+        if mmap:
+            # One private (copy-on-write) mapping of the whole file, as
+            # torch.load(mmap=True) makes; each storage is a slice of it.
+            whole = await run_sync(_map_file, path)
+            offsets = {e.name[len(data) :]: e.data_offset for e in entries}
+
+            def slice_for(key: str, nbytes: int) -> torch.UntypedStorage:
+                check(key, nbytes)
+                return cast(torch.UntypedStorage, whole[offsets[key] : offsets[key] + nbytes])
+
+            return await run_sync(_records.unpickle, path, pickled, slice_for, allow)
         if into is None:
             storages, batches = await run_sync(_records.plan_reads, entries, prefix)
             await read(batches)
@@ -525,8 +550,9 @@ async def load(
             reads the records with ``READ_THREADS`` worker threads at once
             (fresh memory is page-faulted in by several threads while the
             disk streams); any other value goes through ``torch.load``.
-        mmap: map storages from the file instead of reading them
-            (``torch.load(mmap=True)``): fast, lazy, and the tensors keep the
+        mmap: map storages from the file instead of reading them (one
+            private, copy-on-write mapping, as ``torch.load(mmap=True)``
+            makes): fast, lazy, and the tensors keep the
             file open.
         into: a state to read the checkpoint into, in place: dicts, lists
             and tuples of dense CPU tensors, such as a model's
@@ -599,9 +625,9 @@ async def load(
             "load(into=...) reads into CPU tensors: it takes neither mmap nor map_location"
         )
     try:
-        if mmap or not _is_cpu(map_location):
-            raise _records.Unsupported("torch.load maps or places the storages")
-        result = await _read_state(fspath, entries, allowed, into)
+        if not _is_cpu(map_location):
+            raise _records.Unsupported("torch.load places the storages")
+        result = await _read_state(fspath, entries, allowed, into, mmap)
     except _records.Unsupported:
         if into is not None:
             raise CheckpointLoadError(

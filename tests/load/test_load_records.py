@@ -242,3 +242,26 @@ async def test_cancel_stops_readers_between_batches(
         await task
     assert stats["in_flight"] == 0
     assert stats["started"] <= _reader.READ_THREADS  # 62 batches in all; none began after
+
+
+async def test_mmap_load_slices_one_mapping_of_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """mmap=True maps the file once and rebuilds the state on slices of it
+    (no bytes read up front), with torch.load's result."""
+    state = mixed_state()
+    path = await aiostage.persist(state, tmp_path / "ckpt.pt")
+    want = torch.load(path, weights_only=True)
+
+    def no_fallback(*args: object) -> None:
+        raise AssertionError("fell back to torch.load")
+
+    monkeypatch.setattr(_reader, "_torch_load", no_fallback)
+    got = await aiostage.load(path, mmap=True)
+    assert_same(got, want)
+    offsets = {e.name: e.data_offset for e in _reader._open_archive(str(path))}
+    records = [n for n in offsets if "/data/" in n]
+    w, b = got["model"]["w"], got["model"]["b"]
+    # Both storages lie in one mapping, as far apart as their records are.
+    ptr_gap = b.untyped_storage().data_ptr() - w.untyped_storage().data_ptr()
+    assert ptr_gap in {offsets[x] - offsets[y] for x in records for y in records if x != y}
