@@ -547,13 +547,12 @@ async def load(
         path: a ``torch.save``-format zip archive (the legacy pre-1.6
             non-zip format is not accepted).
         map_location: as for ``torch.load``; CPU by default.  A CPU load
-            reads the records with ``READ_THREADS`` worker threads at once
-            (fresh memory is page-faulted in by several threads while the
-            disk streams); any other value goes through ``torch.load``.
+            reads the records with ``READ_THREADS`` worker threads (one
+            core is left to the event loop); any other value goes through
+            ``torch.load``.
         mmap: map storages from the file instead of reading them (one
             private, copy-on-write mapping, as ``torch.load(mmap=True)``
-            makes): fast, lazy, and the tensors keep the
-            file open.
+            makes): fast, lazy, and the tensors keep the file open.
         into: a state to read the checkpoint into, in place: dicts, lists
             and tuples of dense CPU tensors, such as a model's
             ``state_dict()`` or :func:`aiostage.get_state`'s result.  Each
