@@ -531,6 +531,7 @@ class CheckpointManager:
         *,
         map_location: MapLocation = "cpu",
         mmap: bool = False,
+        into: Any = None,
         verify: bool = False,
         safe_globals: Sequence[SafeGlobal] | None = None,
         progress: Progress | None = None,
@@ -546,7 +547,9 @@ class CheckpointManager:
         far that succeeded.  With several ranks, every rank must call
         ``restore``; rank 0 picks the latest step for all of them.
         The keyword arguments go to :func:`aiostage.load` (``progress``
-        reports bytes read).
+        reports bytes read; ``into`` reads the checkpoint straight into
+        existing tensors, e.g. ``into={"model": model.state_dict()}`` when
+        the saved state had that shape).
 
         Raises:
             CheckpointManagerError: no complete checkpoint (of that step), or
@@ -594,6 +597,7 @@ class CheckpointManager:
             sdir / manifest.files[self.rank],
             map_location=map_location,
             mmap=mmap,
+            into=into,
             verify=verify,
             safe_globals=safe_globals,
             progress=progress,

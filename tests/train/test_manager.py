@@ -92,6 +92,17 @@ async def test_save_restore_and_rotation(tmp_path: Path) -> None:
         await mgr.save(50, state(50))  # closed
 
 
+async def test_restore_into_existing_tensors(tmp_path: Path) -> None:
+    async with CheckpointManager(tmp_path, keep_last=2) as mgr:
+        await mgr.save(7, state(7))
+        await mgr.wait()
+        w = torch.zeros(1000)
+        ptr = w.data_ptr()
+        got = await mgr.restore(into={"w": w})
+    assert got["w"] is w and w.data_ptr() == ptr
+    assert torch.equal(w, torch.full((1000,), 7.0)) and got["extra"] == {"step": 7}
+
+
 async def test_commit_order_visible_only_after_durable(tmp_path: Path) -> None:
     stager = GatedStager()
     async with CheckpointManager(tmp_path, keep_last=2, stager=stager) as mgr:
