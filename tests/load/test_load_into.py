@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+from _compare import write
 
 import aiostage
 from aiostage import StateMismatchError
@@ -50,11 +51,7 @@ def state_on_disk() -> dict[str, Any]:
 @pytest.mark.parametrize("writer", ["aiostage", "torch.save"])
 async def test_reads_into_the_given_tensors(tmp_path: Path, writer: str) -> None:
     state = state_on_disk()
-    path = tmp_path / "ckpt.pt"
-    if writer == "aiostage":
-        await aiostage.persist(state, path)
-    else:
-        torch.save(state, path)
+    path = await write(writer, state, tmp_path / "ckpt.pt")
     into = fresh_like(state)
     ptrs = [into["model"]["w"].data_ptr(), into["views"][1].data_ptr()]
     got = await aiostage.load(path, into=into, safe_globals=[Pair])

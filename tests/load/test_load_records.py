@@ -13,36 +13,11 @@ from typing import Any
 
 import pytest
 import torch
+from _compare import assert_same, write
 
 import aiostage
 from aiostage import CheckpointLoadError, CorruptCheckpointError
 from aiostage._load import _reader, _records
-
-
-def as_bytes(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().contiguous().reshape(-1).view(torch.uint8)
-
-
-def assert_same(got: Any, want: Any, path: str = "") -> None:
-    """Equal structure, types, dtypes, strides, offsets and bytes."""
-    assert type(got) is type(want), path
-    if isinstance(want, torch.Tensor):
-        assert got.dtype == want.dtype and got.shape == want.shape, path
-        assert got.stride() == want.stride(), path
-        assert got.storage_offset() == want.storage_offset(), path
-        assert got.requires_grad == want.requires_grad, path
-        assert got.device == torch.device("cpu"), path
-        assert torch.equal(as_bytes(got), as_bytes(want)), path
-    elif isinstance(want, dict):
-        assert list(got) == list(want), path
-        for k in want:
-            assert_same(got[k], want[k], f"{path}/{k}")
-    elif isinstance(want, (list, tuple)):
-        assert len(got) == len(want), path
-        for i, (g, w) in enumerate(zip(got, want, strict=True)):
-            assert_same(g, w, f"{path}/{i}")
-    else:
-        assert got == want, path
 
 
 def mixed_state() -> dict[str, Any]:
@@ -71,11 +46,7 @@ async def test_same_result_as_torch_load(
     tmp_path: Path, writer: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     state = mixed_state()
-    path = tmp_path / "ckpt.pt"
-    if writer == "aiostage":
-        await aiostage.persist(state, path)
-    else:
-        torch.save(state, path)
+    path = await write(writer, state, tmp_path / "ckpt.pt")
     want = torch.load(path, weights_only=True)
 
     def no_fallback(*args: object) -> None:
@@ -134,30 +105,33 @@ def test_plan_reads_covers_each_record_once(tmp_path: Path) -> None:
     assert covered == {id(s): s.nbytes() for s in storages.values() if s.nbytes()}
 
 
-async def test_file_truncated_after_open_is_corrupt(tmp_path: Path) -> None:
-    path = await aiostage.persist({"w": torch.randn(50_000)}, tmp_path / "ckpt.pt")
+def first_batch(path: Path) -> _records.ReadBatch:
     entries = _reader._open_archive(str(path))
-    _, batches = _records.plan_reads(entries, _records.archive_prefix(entries))
-    os.truncate(path, batches[0].offset + 100)
-    fd = os.open(path, os.O_RDONLY)
+    return _records.plan_reads(entries, _records.archive_prefix(entries))[1][0]
+
+
+def read_from(opened: Path, path: Path, batch: _records.ReadBatch) -> None:
+    """``read_batch`` for ``path``, through a descriptor of ``opened``."""
+    fd = os.open(opened, os.O_RDONLY)
     try:
-        with pytest.raises(CorruptCheckpointError, match="truncated") as info:
-            _records.read_batch(str(path), fd, batches[0])
+        _records.read_batch(str(path), fd, batch)
     finally:
         os.close(fd)
+
+
+async def test_file_truncated_after_open_is_corrupt(tmp_path: Path) -> None:
+    path = await aiostage.persist({"w": torch.randn(50_000)}, tmp_path / "ckpt.pt")
+    batch = first_batch(path)
+    os.truncate(path, batch.offset + 100)
+    with pytest.raises(CorruptCheckpointError, match="truncated") as info:
+        read_from(path, path, batch)
     assert str(path) in str(info.value)
 
 
 async def test_read_error_names_file_and_errno(tmp_path: Path) -> None:
     path = await aiostage.persist({"w": torch.randn(1000)}, tmp_path / "ckpt.pt")
-    entries = _reader._open_archive(str(path))
-    _, batches = _records.plan_reads(entries, _records.archive_prefix(entries))
-    fd = os.open(tmp_path, os.O_RDONLY)  # a directory: preadv fails with EISDIR
-    try:
-        with pytest.raises(CheckpointLoadError, match="errno") as info:
-            _records.read_batch(str(path), fd, batches[0])
-    finally:
-        os.close(fd)
+    with pytest.raises(CheckpointLoadError, match="errno") as info:
+        read_from(tmp_path, path, first_batch(path))  # a directory: EISDIR
     assert str(path) in str(info.value)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import zipfile
 from collections import OrderedDict
@@ -11,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from _compare import assert_same
 
 import aiostage
 
@@ -76,35 +76,6 @@ def _names(directory: Path, pattern: str) -> list[Path]:
 def _head(path: Path) -> bytes:
     with path.open("rb") as f:
         return f.read(4)
-
-
-def _raw(t: torch.Tensor) -> bytes:
-    """All bytes of the tensor's storage (bit-exact comparison, NaN-safe)."""
-    s = t.untyped_storage()
-    return bytes(torch.empty(0, dtype=torch.uint8).set_(s).tolist())
-
-
-def assert_same(got: Any, want: Any, where: str = "<root>") -> None:
-    assert type(got) is type(want), where
-    if isinstance(want, torch.Tensor):
-        assert got.dtype == want.dtype, where
-        assert got.shape == want.shape, where
-        assert got.stride() == want.stride(), where
-        assert got.storage_offset() == want.storage_offset(), where
-        assert got.requires_grad == want.requires_grad, where
-        assert _raw(got) == _raw(want), where
-    elif isinstance(want, dict):
-        assert list(got.keys()) == list(want.keys()), where
-        for k in want:
-            assert_same(got[k], want[k], f"{where}.{k}")
-    elif isinstance(want, (list, tuple)):
-        assert len(got) == len(want), where
-        for i, (a, b) in enumerate(zip(got, want, strict=True)):
-            assert_same(a, b, f"{where}.{i}")
-    elif dataclasses.is_dataclass(want):
-        assert_same(dataclasses.asdict(got), dataclasses.asdict(want), where)  # type: ignore[arg-type]
-    else:
-        assert got == want, where
 
 
 def assert_sharing(loaded: dict[str, Any]) -> None:
