@@ -14,11 +14,14 @@ threads.  The async stagers use the two halves separately: :meth:`plan`
 from __future__ import annotations
 
 import mmap
+import operator
 import threading
 import time
 import warnings
 import weakref
 from collections.abc import Generator
+from itertools import repeat
+from operator import is_
 from typing import Any, NamedTuple, TypeVar, cast
 
 import torch
@@ -289,15 +292,75 @@ class _Replay:
         self.mixed = mixed
         # The same source storages (checked) are on the same devices.
         self.by_device: dict[torch.device, list[int]] | None = None
-        self.records: list[tuple[Any, ...] | None] | None = []
+        self.records: _Columns | None = _Columns()
 
     def kill(self, _ref: Any = None) -> None:
         """Forget every record (also the weak references' callback)."""
         self.records = None
 
 
-#: Check the clock every this many tensors in a replay.
+class _Columns:
+    """A replay's records, one list per field, one entry per tensor value."""
+
+    __slots__ = (
+        "atomic",
+        "creators",
+        "dense",
+        "dense_at",
+        "dense_writes",
+        "dsts",
+        "dtypes",
+        "nbytes",
+        "offsets",
+        "paths",
+        "plains",
+        "positions",
+        "refs",
+        "requires_grad",
+        "sizes",
+        "src_refs",
+        "staged",
+        "strides",
+        "writes",
+    )
+
+    def __init__(self) -> None:
+        self.atomic: list[int] = []  # positions of atomic values in the dict
+        self.positions: list[int] = []  # positions of the tensors
+        self.refs: list[weakref.ref[torch.Tensor]] = []
+        self.src_refs: list[_KeyedRef] = []
+        self.dtypes: list[torch.dtype] = []
+        self.offsets: list[int] = []
+        self.sizes: list[torch.Size] = []
+        self.strides: list[tuple[int, ...]] = []
+        self.requires_grad: list[bool] = []
+        self.dsts: list[torch.UntypedStorage] = []
+        self.nbytes: list[int] = []
+        self.staged: list[torch.Tensor] = []
+        self.writes: list[torch.Tensor] = []  # what copies write into (the bare view)
+        self.paths: list[Path] = []
+        self.plains: list[tuple[int, torch.Tensor]] = []  # bare views other than staged
+        self.creators: list[int] = []  # per request, the tensor that made it
+        self.dense: list[int] = []  # requests copied tensor-to-tensor...
+        self.dense_at: list[int] = []  # ...from these tensors
+        self.dense_writes: list[torch.Tensor] = []
+
+
+#: Check the clock every this many values while recording a replay.
 _REPLAY_TICK = 64
+#: Check this many tensors at a time in a replay (a few hundred microseconds).
+_REPLAY_BLOCK = 128
+
+_new_tuple = tuple.__new__  # a NamedTuple with defaults builds through a Python call
+_deref = weakref.ref.__call__
+_attrs = operator.attrgetter("__dict__")
+_dtype = operator.attrgetter("dtype")
+_requires_grad = operator.attrgetter("requires_grad")
+_storage = torch.Tensor.untyped_storage
+_nbytes = torch.UntypedStorage.nbytes
+_offset = torch.Tensor.storage_offset
+_size = torch.Tensor.size
+_stride = torch.Tensor.stride
 
 
 class StateDictStager:
@@ -546,19 +609,19 @@ class StateDictStager:
         kill = replay.kill
         tensor_entry = self._tensors.get
         storage_entry = self._cache._entries.get
-        records: list[tuple[Any, ...] | None] = []
+        cols = _Columns()
         created = 0
         deadline = float("inf")
         if budget_s is not None:
             yield  # the traversal may have used up its slice
             deadline = time.perf_counter() + budget_s
-        for ticks, (key, value) in enumerate(items, 1):
-            if ticks % _REPLAY_TICK == 0 and time.perf_counter() >= deadline:
+        for position, (key, value) in enumerate(items):
+            if position % _REPLAY_TICK == 0 and time.perf_counter() >= deadline:
                 yield
                 deadline = time.perf_counter() + (budget_s or 0.0)
             cls = type(value)
             if cls in _ATOMIC:
-                records.append(None)
+                cols.atomic.append(position)
                 continue
             if cls not in _PLAIN_TENSORS or getattr(value, "__dict__", None):
                 return None
@@ -568,34 +631,38 @@ class StateDictStager:
             index = by_dst.get(entry.dst_key)
             if index is None or index > created:
                 return None
-            creator = index == created
-            created += creator
             req = requests[index]
             stored = storage_entry(entry.src_key)
             if stored is None or stored[1] is not req.dst or stored[0]() is not req.src:
                 return None
-            records.append(
-                (
-                    weakref.ref(value, kill),
-                    stored[0],
-                    entry.dtype,
-                    entry.offset,
-                    entry.size,
-                    entry.stride,
-                    entry.requires_grad,
-                    req.dst,
-                    req.nbytes,
-                    entry.staged,
-                    entry.plain,
-                    entry.dst_key,
-                    index,
-                    creator,
-                    creator and entry.whole,
-                )
-            )
+            tensor = len(cols.refs)
+            if index == created:
+                created += 1
+                cols.creators.append(tensor)
+                if entry.whole:
+                    cols.dense.append(index)
+                    cols.dense_at.append(tensor)
+            cols.positions.append(position)
+            cols.refs.append(weakref.ref(value, kill))
+            cols.src_refs.append(stored[0])
+            cols.dtypes.append(entry.dtype)
+            cols.offsets.append(entry.offset)
+            cols.sizes.append(entry.size)
+            cols.strides.append(entry.stride)
+            cols.requires_grad.append(entry.requires_grad)
+            cols.dsts.append(req.dst)
+            cols.nbytes.append(req.nbytes)
+            cols.staged.append(entry.staged)
+            cols.paths.append((ROOT, key))
+            if entry.plain is None:
+                cols.writes.append(entry.staged)
+            else:
+                cols.writes.append(entry.plain)
+                cols.plains.append((tensor, entry.plain))
         if created != len(requests) or replay.records is None:  # None: a source died
             return None
-        replay.records = records
+        cols.dense_writes = [cols.writes[t] for t in cols.dense_at]
+        replay.records = cols
         return replay
 
     def _replay_plan(
@@ -603,96 +670,104 @@ class StateDictStager:
     ) -> Generator[None, None, StagePlan | None]:
         """The plan of ``obj`` rebuilt from ``replay``, or None if anything changed.
 
-        No cache changes here: when it returns None nothing happened.
+        No cache changes here: when it returns None nothing happened.  The
+        checks run column by column over blocks of tensors (``map`` over
+        torch's methods, compared as lists), which costs a fraction of a
+        Python loop per tensor.
         """
-        records = replay.records
-        if records is None or type(obj) is not dict or len(obj) != len(records):
+        cols = replay.records
+        if cols is None or type(obj) is not dict or len(obj) != len(replay.keys):
             return None
         keys = list(obj)
         if keys != replay.keys:
             return None
         values = list(obj.values())
-        new_request = tuple.__new__
-        result: dict[Any, Any] = {}
-        requests: list[CopyRequest] = []
-        whole: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        if cols.atomic:
+            if not all(type(values[i]) in _ATOMIC for i in cols.atomic):
+                return None
+            tensors = [values[i] for i in cols.positions]
+        else:
+            tensors = values
+        count = len(tensors)
+        if count != len(cols.refs):
+            return None
+        srcs: list[torch.UntypedStorage] = []
         deadline = float("inf") if budget_s is None else time.perf_counter() + budget_s
-        ticks = 0
-        for key, value, rec in zip(keys, values, records, strict=True):
-            if rec is None:
-                if type(value) not in _ATOMIC:
-                    return None
-                result[key] = value
-                continue
-            (
-                ref,
-                src_ref,
-                dtype,
-                offset,
-                size,
-                stride,
-                requires_grad,
-                dst,
-                nbytes,
-                staged,
-                plain,
-                dst_key,
-                index,
-                creator,
-                dense,
-            ) = rec
-            if ref() is not value or getattr(value, "__dict__", None):
+        for a in range(0, count, _REPLAY_BLOCK):
+            b = a + _REPLAY_BLOCK
+            ts = tensors[a:b]
+            if not all(map(is_, map(_deref, cols.refs[a:b]), ts)) or any(map(_attrs, ts)):
                 return None
-            src = value.untyped_storage()
-            # src_ref is the storage cache's reference to the source storage:
-            # that cache entry changes only through a plan (which took this
-            # replay away), discard() or close() (which kill it), or the
-            # source's death (then src_ref() is None).  So the same storage
-            # still stages into ``dst``.
+            ss = list(map(_storage, ts))
+            # src_refs are the storage cache's references to the source
+            # storages: such a cache entry changes only through a plan (which
+            # took this replay away), discard() or close() (which kill it),
+            # or the source's death (then the reference is dead).  So the
+            # same storage still stages into the recorded staging storage.
+            if not all(map(is_, map(_deref, cols.src_refs[a:b]), ss)):
+                return None
+            sizes, strides, offsets = cols.sizes[a:b], cols.strides[a:b], cols.offsets[a:b]
+            requires_grad = cols.requires_grad[a:b]
+            staged = cols.staged[a:b]
             if (
-                src_ref() is not src
-                or src.nbytes() != nbytes
-                or value.dtype is not dtype
-                or value.storage_offset() != offset
-                or value.size() != size
-                or value.stride() != stride
-                or value.requires_grad != requires_grad
-                or staged.requires_grad != requires_grad
+                list(map(_nbytes, ss)) != cols.nbytes[a:b]
+                or not all(map(is_, map(_dtype, ts), cols.dtypes[a:b]))
+                or list(map(_offset, ts)) != offsets
+                or list(map(_size, ts)) != sizes
+                or list(map(_stride, ts)) != strides
+                or list(map(_requires_grad, ts)) != requires_grad
+                # The caller may have changed a staged result in place
+                # (see _untouched).
+                or list(map(_requires_grad, staged)) != requires_grad
+                or list(map(_size, staged)) != sizes
+                or list(map(_stride, staged)) != strides
+                or list(map(_offset, staged)) != offsets
+                or not all(map(is_, map(_storage, staged), cols.dsts[a:b]))
+                or any(map(_attrs, staged))
             ):
                 return None
-            # The caller may have changed a staged result in place (see _untouched).
+            srcs += ss
+            if time.perf_counter() >= deadline:
+                yield
+                deadline = time.perf_counter() + (budget_s or 0.0)
+        for tensor, plain in cols.plains:
             if (
-                staged.size() != size
-                or staged.stride() != stride
-                or staged.storage_offset() != offset
-                or staged.untyped_storage()._cdata != dst_key
-                or getattr(staged, "__dict__", None)
-            ):
-                return None
-            if plain is not None and (
-                plain.size() != size
-                or plain.stride() != stride
-                or plain.storage_offset() != offset
-                or plain.untyped_storage()._cdata != dst_key
+                plain.size() != cols.sizes[tensor]
+                or plain.stride() != cols.strides[tensor]
+                or plain.storage_offset() != cols.offsets[tensor]
+                or plain.untyped_storage() is not cols.dsts[tensor]
                 or getattr(plain, "__dict__", None)
             ):
                 return None
-            if creator:
-                if index != len(requests):
-                    return None
-                # tuple.__new__: a NamedTuple with defaults builds through a Python call.
-                requests.append(new_request(CopyRequest, (src, dst, nbytes, (ROOT, key), False)))
-                if dense:
-                    whole[index] = (value, staged if plain is None else plain)
-            result[key] = staged
-            ticks += 1
-            if ticks >= _REPLAY_TICK:
-                ticks = 0
-                if time.perf_counter() >= deadline:
-                    yield
-                    if replay.records is not records:  # a source died meanwhile
-                        return None
-                    deadline = time.perf_counter() + (budget_s or 0.0)
+        if len(cols.creators) == count:  # every tensor has a storage of its own
+            requests = list(
+                map(
+                    _new_tuple,
+                    repeat(CopyRequest),
+                    zip(srcs, cols.dsts, cols.nbytes, cols.paths, repeat(False)),
+                )
+            )
+        else:
+            requests = [
+                _new_tuple(
+                    CopyRequest, (srcs[t], cols.dsts[t], cols.nbytes[t], cols.paths[t], False)
+                )
+                for t in cols.creators
+            ]
+        whole = dict(
+            zip(
+                cols.dense,
+                zip(map(tensors.__getitem__, cols.dense_at), cols.dense_writes, strict=True),
+                strict=True,
+            )
+        )
+        if cols.atomic:
+            out = list(values)
+            for position, y in zip(cols.positions, cols.staged, strict=True):
+                out[position] = y
+            result = dict(zip(keys, out, strict=True))
+        else:
+            result = dict(zip(keys, cols.staged, strict=True))
         if len(requests) != len(replay.by_dst):
             return None
         self._cache.drop_spares()

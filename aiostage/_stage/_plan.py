@@ -11,6 +11,7 @@ instance) when a storage's bytes have landed.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
 
@@ -22,6 +23,8 @@ import torch
 MAX_SEGMENTS = 1024
 
 __all__ = ["CopyBatch", "CopyRequest", "Segment", "StagePlan", "byte_view"]
+
+_request_nbytes = operator.attrgetter("nbytes")
 
 
 class CopyRequest(NamedTuple):
@@ -97,9 +100,10 @@ class StagePlan:
         if by_dst is None:
             by_dst = {r.dst._cdata: i for i, r in enumerate(requests)}
         self._by_dst = by_dst
-        self.nbytes = sum(r.nbytes for r in requests)
+        sizes = list(map(_request_nbytes, requests))  # C-level: tens of thousands add up
+        self.nbytes = sum(sizes)
         # Segments not yet landed per request, plus one until its batches exist.
-        self._remaining = [1 if r.nbytes else 0 for r in requests]
+        self._remaining = [1] * len(sizes) if all(sizes) else [1 if n else 0 for n in sizes]
         self._landed: dict[int, anyio.Event] = {}
         self._failed: BaseException | None = None
         self.bytes_done = 0

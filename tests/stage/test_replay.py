@@ -56,8 +56,10 @@ def state() -> dict[str, Any]:
 
 def stage_twice(stager: StateDictStager, sd: dict[str, Any]) -> dict[str, Any]:
     stager.stage(sd)
+    replay = stager._replay
+    assert replay is not None
     out = stager.stage(sd)
-    assert stager._replay is not None  # the second call was a replay and is kept
+    assert stager._replay is replay  # the second call replayed the record (and kept it)
     return out
 
 
@@ -65,11 +67,13 @@ def test_a_replayed_stage_returns_the_same_objects_with_fresh_bytes() -> None:
     stager = StateDictStager()
     sd = state()
     first = stager.stage(sd)
-    assert stager._replay is not None
+    replay = stager._replay
+    assert replay is not None
     sd["a"].add_(1)
     sd["p"].data.mul_(2)
     sd["step"] = 8
     second = stager.stage(sd)
+    assert stager._replay is replay
     assert second is not first
     assert all(second[k] is first[k] for k in ("a", "view", "same_storage", "p"))
     assert second["view"].untyped_storage() is second["same_storage"].untyped_storage()
@@ -93,6 +97,10 @@ def test_a_replayed_stage_returns_the_same_objects_with_fresh_bytes() -> None:
         "atomic_to_tensor",
         "tensor_to_object",
         "share_storage",
+        "restride",
+        "offset",
+        "dtype",
+        "same_geometry_other_type",
     ],
 )
 def test_a_change_between_calls_is_staged_exactly(change: str) -> None:
@@ -129,6 +137,15 @@ def test_a_change_between_calls_is_staged_exactly(change: str) -> None:
         sd["a"] = [torch.ones(3), 1]
     elif change == "share_storage":
         sd["a"] = sd["view"][1:3]
+    elif change == "restride":  # only the stride changes
+        sd["same_storage"].as_strided_((3, 4), (1, 3))
+    elif change == "offset":  # only the offset changes
+        sd["view"].set_(sd["view"].untyped_storage(), 3, (6,), (1,))
+    elif change == "dtype":  # only the dtype changes
+        sd["a"].data = sd["a"].data.view(torch.int32)
+    elif change == "same_geometry_other_type":  # another object on the same bytes
+        keep = sd["a"]
+        sd["a"] = torch.nn.Parameter(keep, requires_grad=False)
     out = stager.stage(sd)
     if change == "attribute":
         assert out["a"].note == "added"
@@ -210,7 +227,9 @@ async def test_the_async_stager_replays_many_tensors_exactly() -> None:
         first = await stager.stage(sd)
         for value in sd.values():
             value.add_(1)
+        replay = stager._engine._replay
         second = await stager.stage(sd)
+        assert replay is not None and stager._engine._replay is replay
         assert second["t5"] is first["t5"]
         assert_copy(second, sd)
         sd["t2999"] = torch.zeros(4)
