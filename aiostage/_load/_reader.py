@@ -602,7 +602,7 @@ async def load(
             callback would never run).
 
     Cancellation:
-        Verification and reading stop between chunks (16 MiB): the chunks
+        Verification and reading stop between chunks (16 and 64 MiB): the chunks
         in flight are waited for, their memory released, and the
         cancellation re-raised.  Unpickling, and a ``torch.load`` step,
         cannot be interrupted: the worker thread is waited for (never

@@ -45,7 +45,7 @@ __all__ = [
     "unpickle",
 ]
 
-READ_BATCH_BYTES = 16 * 1024 * 1024
+READ_BATCH_BYTES = 64 * 1024 * 1024
 """Most bytes one ``preadv`` call reads (records larger than this are cut)."""
 
 SYSCALL_BYTES = 1024 * 1024
