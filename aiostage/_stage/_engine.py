@@ -739,39 +739,50 @@ class StateDictStager:
                 or getattr(plain, "__dict__", None)
             ):
                 return None
-        if len(cols.creators) == count:  # every tensor has a storage of its own
-            requests = list(
-                map(
-                    _new_tuple,
-                    repeat(CopyRequest),
-                    zip(srcs, cols.dsts, cols.nbytes, cols.paths, repeat(False)),
-                )
-            )
-        else:
-            requests = [
-                _new_tuple(
-                    CopyRequest, (srcs[t], cols.dsts[t], cols.nbytes[t], cols.paths[t], False)
-                )
-                for t in cols.creators
-            ]
-        whole = dict(
-            zip(
-                cols.dense,
-                zip(map(tensors.__getitem__, cols.dense_at), cols.dense_writes, strict=True),
-                strict=True,
-            )
-        )
+        # Everything checked: assemble the plan, in blocks too.
+        block = _REPLAY_BLOCK
+        creators, dsts, nbytes, paths = cols.creators, cols.dsts, cols.nbytes, cols.paths
+        own = len(creators) == count  # every tensor has a storage of its own
+        requests: list[CopyRequest] = []
+        for a in range(0, len(creators), block):
+            b = a + block
+            if own:
+                pieces = zip(srcs[a:b], dsts[a:b], nbytes[a:b], paths[a:b], repeat(False))
+                requests += map(_new_tuple, repeat(CopyRequest), pieces)
+            else:
+                requests += [
+                    _new_tuple(CopyRequest, (srcs[t], dsts[t], nbytes[t], paths[t], False))
+                    for t in creators[a:b]
+                ]
+            if time.perf_counter() >= deadline:
+                yield
+                deadline = time.perf_counter() + (budget_s or 0.0)
+        whole: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        dense, dense_at, dense_writes = cols.dense, cols.dense_at, cols.dense_writes
+        for a in range(0, len(dense), block):
+            b = a + block
+            sources = map(tensors.__getitem__, dense_at[a:b])
+            whole.update(zip(dense[a:b], zip(sources, dense_writes[a:b], strict=True), strict=True))
+            if time.perf_counter() >= deadline:
+                yield
+                deadline = time.perf_counter() + (budget_s or 0.0)
+        out = cols.staged
         if cols.atomic:
             out = list(values)
             for position, y in zip(cols.positions, cols.staged, strict=True):
                 out[position] = y
-            result = dict(zip(keys, out, strict=True))
-        else:
-            result = dict(zip(keys, cols.staged, strict=True))
+        result: dict[Any, Any] = {}
+        for a in range(0, len(keys), block):
+            b = a + block
+            result.update(zip(keys[a:b], out[a:b], strict=True))
+            if time.perf_counter() >= deadline:
+                yield
+                deadline = time.perf_counter() + (budget_s or 0.0)
         if len(requests) != len(replay.by_dst):
             return None
         self._cache.drop_spares()
-        plan = StagePlan(result, requests, [], whole, replay.by_dst)
+        request_nbytes = nbytes if own else [nbytes[t] for t in creators]
+        plan = StagePlan(result, requests, [], whole, replay.by_dst, sizes=request_nbytes)
         plan.mixed_dtypes = replay.mixed
         plan.replay = replay
         plan._by_device = replay.by_device

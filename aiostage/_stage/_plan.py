@@ -88,6 +88,8 @@ class StagePlan:
         new_entries: list[torch.UntypedStorage],
         whole: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
         by_dst: dict[int, int] | None = None,
+        *,
+        sizes: list[int] | None = None,
     ) -> None:
         self.result = result
         self.requests = requests
@@ -100,7 +102,8 @@ class StagePlan:
         if by_dst is None:
             by_dst = {r.dst._cdata: i for i, r in enumerate(requests)}
         self._by_dst = by_dst
-        sizes = list(map(_request_nbytes, requests))  # C-level: tens of thousands add up
+        if sizes is None:  # (``sizes``: the requests' nbytes, when the caller has them)
+            sizes = list(map(_request_nbytes, requests))  # C-level: tens of thousands add up
         self.nbytes = sum(sizes)
         # Segments not yet landed per request, plus one until its batches exist.
         self._remaining = [1] * len(sizes) if all(sizes) else [1 if n else 0 for n in sizes]
