@@ -138,7 +138,6 @@ async def test_task_cancel_never_abandons_a_copy_thread(device: SimulatedDevice)
 async def test_timeout_waits_for_queued_device_copies(device: SimulatedDevice) -> None:
     sd = make_state()
     async with DefaultStager(OPTS, _device_ops=device) as stager:
-
         timeouts: list[asyncio.Timeout] = []
 
         async def stage_with_timeout() -> None:
