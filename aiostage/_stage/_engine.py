@@ -19,6 +19,7 @@ import threading
 import time
 import warnings
 import weakref
+from collections import OrderedDict
 from collections.abc import Generator
 from itertools import repeat
 from operator import is_
@@ -264,29 +265,65 @@ class _TensorCache:
         self._entries.clear()
 
 
+_REPLAY_KINDS = (dict, OrderedDict)
+
+
+def _copy_metadata(
+    obj: Any, budget_s: float | None
+) -> Generator[None, None, OrderedDict[str, dict[str, Any]] | None]:
+    """A copy of ``obj._metadata`` if that is ``obj``'s only attribute and
+    it is what ``nn.Module.state_dict()`` attaches (an ``OrderedDict`` of
+    dicts of atomic values); otherwise None (the replay does not apply).
+
+    A generator that yields like the traversal (about every ``budget_s``):
+    a large model has one entry per module.
+    """
+    attrs = obj.__dict__
+    metadata = attrs.get("_metadata")
+    if len(attrs) != 1 or type(metadata) is not OrderedDict:
+        return None
+    out: OrderedDict[str, dict[str, Any]] = OrderedDict()
+    deadline = float("inf") if budget_s is None else time.perf_counter() + budget_s
+    for n, (key, value) in enumerate(list(metadata.items())):
+        if type(key) is not str or type(value) is not dict:
+            return None
+        if not all(type(v) in _ATOMIC for v in value.values()):
+            return None
+        out[key] = dict(value)
+        if n % _REPLAY_TICK == 0 and time.perf_counter() >= deadline:
+            yield
+            deadline = time.perf_counter() + (budget_s or 0.0)
+    return out
+
+
 class _Replay:
     """How the last successful plan staged a flat dict, to stage it again fast.
 
-    States are usually staged again and again with the same dict of the same
-    tensors.  For a ``dict`` whose values are plain tensors (without
-    attributes) or atomic values, the engine keeps, per key, what it checked
-    and built: the source tensor (weakly), its dtype and geometry, its
-    staging storage, the staged tensor and its request number.  The next
-    plan of a dict with the same keys, in the same order, then checks each
-    tensor against that record and rebuilds the plan from it without a
-    traversal; any difference (another tensor object, new storage, dtype,
-    offset, size, stride or ``requires_grad``, a resized storage, an
+    States are usually staged again and again with a dict of the same keys
+    over the same storages: the same dict, or a new one of new tensor
+    objects, as ``model.state_dict()`` returns each call.  For a ``dict``
+    whose values are plain tensors (without attributes, conjugate or
+    negative bits) or atomic values, the engine keeps, per key, what it
+    checked and built: the source tensor's type, its storage (weakly), its
+    dtype and geometry, its staging storage, the staged tensor and its
+    request number.  The next plan of a dict with the same keys, in the same
+    order, then checks each tensor against that record and rebuilds the plan
+    from it without a traversal; any difference (another type or storage,
+    dtype, offset, size, stride or ``requires_grad``, a resized storage, an
     attribute, a staged result the caller changed in place) abandons the
     replay and the full plan runs instead.
 
-    When a recorded source tensor dies the record is dropped at once, so it
+    When a recorded source storage dies the record is dropped at once, so it
     does not keep staging memory alive.  Records reference this object only
     through the weak references' callback; :meth:`kill` breaks that cycle.
     """
 
-    __slots__ = ("by_device", "by_dst", "keys", "mixed", "records")
+    __slots__ = ("by_device", "by_dst", "keys", "kind", "mixed", "records")
 
-    def __init__(self, keys: list[Any], by_dst: dict[int, int], mixed: str | None) -> None:
+    def __init__(
+        self, kind: type, keys: list[Any], by_dst: dict[int, int], mixed: str | None
+    ) -> None:
+        self.kind = kind  # dict, or the OrderedDict of a module's state_dict()
         self.keys = keys
         self.by_dst = by_dst
         self.mixed = mixed
@@ -321,13 +358,18 @@ class _Columns:
         "src_refs",
         "staged",
         "strides",
+        "types",
         "writes",
     )
 
     def __init__(self) -> None:
         self.atomic: list[int] = []  # positions of atomic values in the dict
         self.positions: list[int] = []  # positions of the tensors
-        self.refs: list[weakref.ref[torch.Tensor]] = []
+        # The source storages, weakly: their death drops the records at once
+        # (the source *tensors* may be new objects every call, as
+        # ``model.state_dict()`` makes them).
+        self.refs: list[weakref.ref[torch.UntypedStorage]] = []
+        self.types: list[type] = []  # each source tensor's exact type
         self.src_refs: list[_KeyedRef] = []
         self.dtypes: list[torch.dtype] = []
         self.offsets: list[int] = []
@@ -357,6 +399,8 @@ _attrs = operator.attrgetter("__dict__")
 _dtype = operator.attrgetter("dtype")
 _requires_grad = operator.attrgetter("requires_grad")
 _storage = torch.Tensor.untyped_storage
+_is_conj = torch.Tensor.is_conj
+_is_neg = torch.Tensor.is_neg
 _nbytes = torch.UntypedStorage.nbytes
 _offset = torch.Tensor.storage_offset
 _size = torch.Tensor.size
@@ -602,10 +646,13 @@ class StateDictStager:
 
         A generator that yields like the traversal (about every ``budget_s``).
         """
-        if type(obj) is not dict or type(result) is not dict or len(result) != len(obj):
+        kind = type(obj)
+        if kind not in _REPLAY_KINDS or type(result) is not kind or len(result) != len(obj):
+            return None
+        if getattr(obj, "__dict__", None) and (yield from _copy_metadata(obj, budget_s)) is None:
             return None
         items = list(obj.items())  # the caller's loop may run in between
-        replay = _Replay([key for key, _ in items], by_dst, mixed)
+        replay = _Replay(kind, [key for key, _ in items], by_dst, mixed)
         kill = replay.kill
         tensor_entry = self._tensors.get
         storage_entry = self._cache._entries.get
@@ -623,7 +670,12 @@ class StateDictStager:
             if cls in _ATOMIC:
                 cols.atomic.append(position)
                 continue
-            if cls not in _PLAIN_TENSORS or getattr(value, "__dict__", None):
+            if (
+                cls not in _PLAIN_TENSORS
+                or getattr(value, "__dict__", None)
+                or value.is_conj()
+                or value.is_neg()
+            ):
                 return None
             entry = tensor_entry(value)
             if entry is None or entry.staged is not result.get(key, None):
@@ -643,7 +695,8 @@ class StateDictStager:
                     cols.dense.append(index)
                     cols.dense_at.append(tensor)
             cols.positions.append(position)
-            cols.refs.append(weakref.ref(value, kill))
+            cols.refs.append(weakref.ref(value.untyped_storage(), kill))
+            cols.types.append(cls)
             cols.src_refs.append(stored[0])
             cols.dtypes.append(entry.dtype)
             cols.offsets.append(entry.offset)
@@ -676,8 +729,15 @@ class StateDictStager:
         Python loop per tensor.
         """
         cols = replay.records
-        if cols is None or type(obj) is not dict or len(obj) != len(replay.keys):
+        if cols is None or type(obj) is not replay.kind or not isinstance(obj, dict):
             return None
+        if len(obj) != len(replay.keys):
+            return None
+        metadata = None
+        if getattr(obj, "__dict__", None):
+            metadata = yield from _copy_metadata(obj, budget_s)
+            if metadata is None:
+                return None
         keys = list(obj)
         if keys != replay.keys:
             return None
@@ -696,7 +756,15 @@ class StateDictStager:
         for a in range(0, count, _REPLAY_BLOCK):
             b = a + _REPLAY_BLOCK
             ts = tensors[a:b]
-            if not all(map(is_, map(_deref, cols.refs[a:b]), ts)) or any(map(_attrs, ts)):
+            # Tensor objects may be new (``model.state_dict()`` detaches
+            # afresh each call): what counts is their type, storage, dtype
+            # and geometry, all checked below.
+            if (
+                not all(map(is_, map(type, ts), cols.types[a:b]))
+                or any(map(_attrs, ts))
+                or any(map(_is_conj, ts))
+                or any(map(_is_neg, ts))
+            ):
                 return None
             ss = list(map(_storage, ts))
             # src_refs are the storage cache's references to the source
@@ -771,7 +839,9 @@ class StateDictStager:
             out = list(values)
             for position, y in zip(cols.positions, cols.staged, strict=True):
                 out[position] = y
-        result: dict[Any, Any] = {}
+        result: dict[Any, Any] = replay.kind()
+        if metadata is not None:
+            result._metadata = metadata  # type: ignore[attr-defined]
         for a in range(0, len(keys), block):
             b = a + block
             result.update(zip(keys[a:b], out[a:b], strict=True))

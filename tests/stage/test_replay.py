@@ -264,3 +264,60 @@ def test_a_dict_changed_while_a_sliced_plan_yields_is_staged_exactly_next_time(
         out = stager.stage(sd)
         assert_copy(out, sd)
         assert_cached(stager, out, sd)
+
+
+def test_a_new_state_dict_of_the_same_parameters_replays() -> None:
+    """model.state_dict() returns new tensor objects every call; what the
+    replay checks is their storages and geometry, so it still applies."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    stager = StateDictStager()
+    stager.stage(model.state_dict())
+    replay = stager._replay
+    assert replay is not None
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1)
+    sd = model.state_dict()
+    out = stager.stage(sd)
+    assert stager._replay is replay  # replayed, not planned again
+    assert_copy(out, sd)
+    assert_cached(stager, out, sd)
+    assert type(out) is type(sd)  # an OrderedDict, with the module metadata copied
+    assert out._metadata == sd._metadata and out._metadata is not sd._metadata
+
+
+@pytest.mark.parametrize("attribute", ["tensor", "odd_metadata"])
+def test_a_dict_with_other_attributes_is_not_replayed(attribute: str) -> None:
+    """Only a state_dict's plain ``_metadata`` is copied by the replay; any
+    other attribute goes through the full plan (which stages its tensors)."""
+    model = torch.nn.Linear(3, 2)
+    stager = StateDictStager()
+    sd = model.state_dict()
+    stage_twice(stager, sd)
+    if attribute == "tensor":
+        sd.extra = torch.ones(2)  # type: ignore[attr-defined]
+    else:
+        sd._metadata[""]["t"] = torch.ones(1)  # type: ignore[attr-defined]
+    out = stager.stage(sd)
+    assert_copy(out, sd)
+    if attribute == "tensor":
+        assert torch.equal(out.extra, sd.extra)  # type: ignore[attr-defined]
+        assert out.extra.untyped_storage() is not sd.extra.untyped_storage()  # type: ignore[attr-defined]
+    else:
+        staged = out._metadata[""]["t"]  # type: ignore[attr-defined]
+        assert torch.equal(staged, torch.ones(1))
+        assert staged is not sd._metadata[""]["t"]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("bit", ["conj", "neg"])
+def test_a_new_view_with_a_conjugate_or_negative_bit_is_not_replayed(bit: str) -> None:
+    """Same storage, dtype and geometry, but a view flag that changes the
+    values: the record must not be replayed."""
+    x = torch.randn(6, dtype=torch.complex64)
+    stager = StateDictStager()
+    stage_twice(stager, {"x": x})
+    view = x.conj() if bit == "conj" else torch._neg_view(x)
+    out = stager.stage({"x": view})
+    assert torch.equal(out["x"], view)
+    back = stager.stage({"x": x})  # and back to the plain tensor
+    assert torch.equal(back["x"], x) and not back["x"].is_conj() and not back["x"].is_neg()
