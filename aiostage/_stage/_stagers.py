@@ -222,7 +222,9 @@ class _StagerBase:
         self._closing = True
         async with self._turn:
             self._closed = True
-            self._release_buffers()
+            # Freeing gigabytes of buffers (munmap) takes tens of ms: not on
+            # the loop.  Nothing else can use them: the turn is ours, for good.
+            await run_sync(self._release_buffers)
 
     async def __aenter__(self: S) -> S:
         self._check_open()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -291,3 +292,24 @@ async def test_default_stager_handles_every_kind_of_tensor() -> None:
             with torch.no_grad():
                 sd["param"].add_(1)
                 sd["grad"].add_(1)
+
+
+async def test_close_frees_the_buffers_off_the_loop_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Freeing a large cache (munmap of every buffer) took 80-150 ms for
+    1 GiB: close() does it in a worker thread, never on the loop's."""
+    loop_thread = threading.get_ident()
+    freed_on: list[int] = []
+    stager = DefaultStager()
+    await stager.stage({"w": torch.randn(1000)})
+    real = stager._engine.close
+
+    def spy() -> None:
+        freed_on.append(threading.get_ident())
+        real()
+
+    monkeypatch.setattr(stager._engine, "close", spy)
+    await stager.close()
+    assert freed_on and freed_on[0] != loop_thread
+    assert stager.cache_info().storages == 0
