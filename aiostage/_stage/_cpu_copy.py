@@ -12,6 +12,7 @@ into a staging buffer any more, however the caller was cancelled.
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import anyio
@@ -24,6 +25,8 @@ from aiostage._stage._traverse import format_path
 from aiostage._threads import run_all, run_sync
 
 __all__ = ["copy_batch", "run_in_threads"]
+
+_memmove = ctypes.memmove
 
 
 def copy_batch(
@@ -50,6 +53,14 @@ def copy_batch(
             try:
                 if req.pin and seg.start == 0:
                     pin_storage(req.dst)
+                if req.fresh and req.src.device.type == "cpu":
+                    # Into never-written memory the copy is bound by page
+                    # faults: one plain memmove (GIL released) takes about
+                    # 0.4x the time of torch's copy, whose OpenMP threads
+                    # contend on the faults and take the loop's core too.
+                    at = req.dst.data_ptr() + seg.start
+                    _memmove(at, req.src.data_ptr() + seg.start, seg.stop - seg.start)
+                    continue
                 pair = whole.get(seg.request) if whole else None
                 if pair is not None and seg.start == 0 and seg.stop == req.nbytes:
                     srcs.append(pair[0])

@@ -555,10 +555,12 @@ class StateDictStager:
             nbytes = src.nbytes()
             dst = cache.get(src)
             fresh = dst is None or dst.nbytes() != nbytes
+            allocated = False
             if fresh:
                 pin = self.pin_memory and nbytes >= self.pin_memory_min_bytes
                 dst = cache.spare(nbytes)
                 if dst is None or dst.is_shared() != self.share_memory:
+                    allocated = True
                     dst = _allocate(
                         nbytes,
                         shared=self.share_memory,
@@ -572,7 +574,7 @@ class StateDictStager:
                 pin = False
             assert dst is not None
             created[0] = by_dst[dst._cdata] = len(requests)
-            requests.append(CopyRequest(src, dst, nbytes, path, pin))
+            requests.append(CopyRequest(src, dst, nbytes, path, pin, allocated))
             seen[key] = dst
             return dst
 
@@ -815,11 +817,13 @@ class StateDictStager:
         for a in range(0, len(creators), block):
             b = a + block
             if own:
-                pieces = zip(srcs[a:b], dsts[a:b], nbytes[a:b], paths[a:b], repeat(False))
+                pieces = zip(
+                    srcs[a:b], dsts[a:b], nbytes[a:b], paths[a:b], repeat(False), repeat(False)
+                )
                 requests += map(_new_tuple, repeat(CopyRequest), pieces)
             else:
                 requests += [
-                    _new_tuple(CopyRequest, (srcs[t], dsts[t], nbytes[t], paths[t], False))
+                    _new_tuple(CopyRequest, (srcs[t], dsts[t], nbytes[t], paths[t], False, False))
                     for t in creators[a:b]
                 ]
             if time.perf_counter() >= deadline:

@@ -37,6 +37,8 @@ class CopyRequest(NamedTuple):
         path: key path of the first tensor found on ``src``, for errors
             (a linked ``(parent, key)`` tuple; see ``format_path``).
         pin: ``dst`` is fresh and must be pinned before the first copy.
+        fresh: ``dst`` was just allocated and never written: the first copy
+            into it pays its page faults (see ``_cpu_copy.copy_batch``).
     """
 
     src: torch.UntypedStorage
@@ -44,6 +46,7 @@ class CopyRequest(NamedTuple):
     nbytes: int
     path: tuple[Any, ...]
     pin: bool = False
+    fresh: bool = False
 
 
 class Segment(NamedTuple):

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from aiostage import CacheInfo, StagingError, StateDictStager
+from aiostage._stage._cpu_copy import copy_batch
 
 
 def storage_ptr(t: torch.Tensor) -> int:
@@ -468,3 +469,33 @@ def test_staging_memory_returns_to_the_os_when_released() -> None:
     gc.collect()
     # The staging memory went back to the OS (not kept in the allocator).
     assert _rss_bytes() - before < 32 * 1024 * 1024
+
+
+def _plan_of(stager: StateDictStager, state: Any) -> Any:
+    gen = stager.plan(state)
+    try:
+        while True:
+            next(gen)
+    except StopIteration as done:
+        return done.value
+
+
+def test_only_newly_allocated_staging_storages_are_marked_fresh() -> None:
+    """Fresh (never written) staging memory is copied with one memmove per
+    segment; reused buffers, and spares of dead sources, are not fresh."""
+    stager = StateDictStager()
+    sd = {"a": torch.randn(100_000), "b": torch.randn(10)}
+    plan = _plan_of(stager, sd)
+    assert [r.fresh for r in plan.requests] == [True, True]
+    for batch in plan.batches(16 << 20):
+        copy_batch(plan.requests, batch, plan.whole)
+    stager.commit(plan)
+    assert torch.equal(plan.result["a"], sd["a"]) and torch.equal(plan.result["b"], sd["b"])
+    again = _plan_of(stager, sd)
+    assert [r.fresh for r in again.requests] == [False, False]
+    stager.commit(again)
+    del again, plan
+    sd["a"] = torch.randn(100_000)  # the old source dies: its buffer is a spare
+    gc.collect()
+    third = _plan_of(stager, sd)
+    assert [r.fresh for r in third.requests] == [False, False]
