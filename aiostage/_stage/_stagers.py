@@ -290,6 +290,11 @@ class DefaultStager(_StagerBase):
         try:
             while True:
                 gen.send(None)
+                # Twice: asyncio runs a task that yielded before the timers
+                # that expired during its slice (they join the ready queue
+                # behind it), so with one checkpoint a 1 ms sleeper waited
+                # two slices; the second lets them run in between.
+                await anyio.lowlevel.checkpoint()
                 await anyio.lowlevel.checkpoint()
         except StopIteration as stop:
             return stop.value  # type: ignore[no-any-return]
