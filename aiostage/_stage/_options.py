@@ -10,9 +10,11 @@ import torch
 __all__ = ["StagingOptions", "accelerator_available"]
 
 #: Default size of one unit of copy work (bytes).  Big enough that per-chunk
-#: overhead is negligible, small enough that cancellation and pipelining to the
-#: writer stay responsive.
-DEFAULT_CHUNK_BYTES = 16 * 1024 * 1024
+#: overhead is negligible (each chunk is one hand-off to a worker thread and
+#: back, ~0.3 ms here: at 16 MiB they cost 0.1 of a warm 1 GiB stage, at
+#: 64 MiB 0.05), small enough that cancellation and pipelining to the writer
+#: stay responsive (~10 ms of copying at memory bandwidth).
+DEFAULT_CHUNK_BYTES = 64 * 1024 * 1024
 
 
 def accelerator_available() -> bool:
