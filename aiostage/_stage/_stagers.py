@@ -25,6 +25,7 @@ import anyio.lowlevel
 import torch
 
 from aiostage._exceptions import StagerClosedError, StagingError
+from aiostage._gc import gc_paused
 from aiostage._progress import Progress
 from aiostage._stage._cpu_copy import copy_batch, run_in_threads
 from aiostage._stage._device_copy import DeviceOps, TorchDeviceOps, run_on_stream
@@ -311,6 +312,12 @@ class DefaultStager(_StagerBase):
             gen.close()
 
     async def _stage_locked(
+        self, state_dict: Any, on_plan: Callable[[StagePlan], None] | None
+    ) -> Any:
+        with gc_paused():  # see aiostage._gc: no full collections mid-stage
+            return await self._stage_paused(state_dict, on_plan)
+
+    async def _stage_paused(
         self, state_dict: Any, on_plan: Callable[[StagePlan], None] | None
     ) -> Any:
         plan = await self._plan(state_dict)

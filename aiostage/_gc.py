@@ -1,0 +1,51 @@
+"""Pause the cyclic garbage collector while a stage runs.
+
+A stage of tens of thousands of tensors builds as many short-lived objects
+(copy requests, segments, batches) that live exactly as long as the stage.
+With the collector running, the young-generation collections during the
+stage find them alive and promote them; they pile up as "long-lived" and
+trigger a full collection every other stage, which walks every tracked
+object in the process and holds the event loop for 25-40 ms (20,000
+tensors, heap otherwise frozen) or much more in a large program.  With the
+collector paused for the stage they are freed by reference counting when
+the stage ends, before any collection sees them: over 10 stages of 20,000
+tensors, 6 full collections of 27-33 ms without the pause, none with it
+(and the loop's longest gap 2.5-3.2 ms instead of up to 33 ms).
+
+The pause is process-wide (``gc.disable()``), nests (several stages at
+once), and lasts one stage: garbage other code makes meanwhile is
+collected at the first collection after it.  If the collector was already
+disabled, it stays so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import threading
+from collections.abc import Iterator
+
+__all__ = ["gc_paused"]
+
+_lock = threading.Lock()
+_depth = 0
+_we_disabled = False
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Disable the cyclic garbage collector for the ``with`` block."""
+    global _depth, _we_disabled
+    with _lock:
+        if _depth == 0:
+            _we_disabled = gc.isenabled()
+            gc.disable()
+        _depth += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _depth -= 1
+            if _depth == 0 and _we_disabled:
+                _we_disabled = False
+                gc.enable()
