@@ -46,8 +46,11 @@ from aiostage._threads import background_executor, run_background
 
 __all__ = ["DEFAULT_CHUNK_BYTES", "Progress", "WaitReady", "persist", "storage_view"]
 
-DEFAULT_CHUNK_BYTES = 32 * 1024 * 1024
-"""Bytes handed to one worker-thread write (and one CRC update)."""
+DEFAULT_CHUNK_BYTES = 64 * 1024 * 1024
+"""Bytes handed to one worker-thread write (and one CRC update).  Each
+hand-off back to the loop cost it a late tick while the cores were busy:
+with 32 MiB chunks the loop's p99 lag during a 1 GiB ``save()`` was
+3.0-3.7 ms, with 64 MiB 1.5-1.9 ms (one run of five at 3.1), same time."""
 
 MAX_BATCH_PIECES = 256
 """Most storages (pieces) handed to one worker-thread write.  The event loop
