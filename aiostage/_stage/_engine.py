@@ -20,7 +20,7 @@ import time
 import warnings
 import weakref
 from collections import OrderedDict
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from itertools import repeat
 from operator import is_
 from typing import Any, NamedTuple, TypeVar, cast
@@ -450,7 +450,14 @@ class StateDictStager:
 
     # -- public, blocking ----------------------------------------------------
 
-    def stage(self, obj: T, non_blocking: bool = False, *, type_check: bool = False) -> T:
+    def stage(
+        self,
+        obj: T,
+        non_blocking: bool = False,
+        *,
+        type_check: bool = False,
+        _refuse: Callable[[StagePlan], None] | None = None,
+    ) -> T:
         """Return a deep copy of ``obj`` with every tensor in CPU memory.
 
         Blocks until the copies are issued (and, unless ``non_blocking``,
@@ -472,6 +479,8 @@ class StateDictStager:
             except StopIteration as stop:
                 plan: StagePlan = stop.value
             try:
+                if _refuse is not None:  # (a stager's check of the plan, before any copy)
+                    _refuse(plan)
                 self._copy_all(plan, non_blocking)
             except BaseException:
                 self.discard(plan)

@@ -48,6 +48,19 @@ S = TypeVar("S", bound="_StagerBase")
 TRAVERSAL_BUDGET_S = 0.002
 
 
+def _mixed_dtypes_error(path: str) -> StagingError:
+    return StagingError(
+        "a storage is viewed with two dtypes; torch.save's format (and so a "
+        "checkpoint) cannot hold that: save a copy of this tensor instead",
+        path=path,
+    )
+
+
+def _refuse_mixed_dtypes(plan: StagePlan) -> None:
+    if plan.mixed_dtypes is not None:
+        raise _mixed_dtypes_error(plan.mixed_dtypes)
+
+
 async def _let_timers_run() -> None:
     """Yield to the event loop so that what became due during a slice of
     work runs before the next slice.
@@ -193,11 +206,7 @@ class _StagerBase:
             # Called once the plan exists (the skeleton is ready): the writer
             # runs beside the copies and takes each storage as it lands.
             if plan.mixed_dtypes is not None:
-                raise StagingError(
-                    "a storage is viewed with two dtypes; torch.save's format (and so a "
-                    "checkpoint) cannot hold that: save a copy of this tensor instead",
-                    path=plan.mixed_dtypes,
-                )
+                raise _mixed_dtypes_error(plan.mixed_dtypes)
             writers.append(
                 asyncio.create_task(
                     persist(plan.result, path, wait_ready=plan.wait_landed, progress=progress)
@@ -399,7 +408,13 @@ class BlockingAsyncStager(_StagerBase):
     ) -> Any:
         engine = self._engine if self.cache_staged_state_dict else StateDictStager()
         staged = await run_sync(
-            functools.partial(engine.stage, state_dict, type_check=self.type_check)
+            functools.partial(
+                engine.stage,
+                state_dict,
+                type_check=self.type_check,
+                # save(): refuse what a checkpoint cannot hold before copying.
+                _refuse=None if on_plan is None else _refuse_mixed_dtypes,
+            )
         )
         if on_plan is not None:
             # Everything has landed already: a plan with no copies lets save()

@@ -186,10 +186,16 @@ async def test_persist_holds_the_turn_so_stage_cannot_refresh_its_buffers(
     assert_loaded_equals(tmp_path / "ckpt.pt", expected)
 
 
-async def test_save_refuses_a_storage_viewed_with_two_dtypes_up_front(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["default", "blocking"])
+async def test_save_refuses_a_storage_viewed_with_two_dtypes_up_front(
+    tmp_path: Path, kind: str
+) -> None:
     base = torch.randn(8)
     sd = {"f": base, "opt": {"bits": base.view(torch.int32)}}
-    async with DefaultStager() as stager:
+    stager: Any = (
+        DefaultStager() if kind == "default" else BlockingAsyncStager(cache_staged_state_dict=True)
+    )
+    async with stager:
         staged = await stager.stage(sd)  # staging such a state is fine
         assert torch.equal(staged["opt"]["bits"], sd["opt"]["bits"])
         with pytest.raises(StagingError, match="two dtypes") as err:
