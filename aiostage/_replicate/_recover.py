@@ -71,11 +71,11 @@ async def load_replica(
 
     By default the file is read with :func:`aiostage.load`: every record's
     CRC-32 is checked first (``verify``), and the pickle is loaded
-    ``weights_only`` (plain tensors, containers and atomic values; other
-    classes must be listed in ``safe_globals``).  DTensors and
-    ShardedTensors need ``weights_only=False``, which runs a plain
-    ``torch.load`` (no CRC check) and may execute code from the file: use it
-    only for files written by this job.
+    ``weights_only`` (plain tensors, containers and atomic values, and
+    DTensors, whose classes torch allow-lists; other classes must be listed
+    in ``safe_globals``).  ShardedTensors need ``weights_only=False``, which
+    runs a plain ``torch.load`` (no CRC check) and may execute code from the
+    file: use it only for files written by this job.
 
     Raises:
         ReplicationError: no replica of ``rank`` in ``storage_dir``.

@@ -441,8 +441,8 @@ class ReplicationStager(_StagerBase):
         sends what it holds of its partner: the replica received by its last
         :meth:`stage`, or, in a restarted process, its replica file in
         ``storage_dir`` if there is one (read with :func:`aiostage.load`,
-        CRC-checked and ``weights_only``: a file holding DTensors is not
-        served this way and a warning says so); each receives its own state
+        CRC-checked and ``weights_only``: a file holding ShardedTensors is
+        not served this way and a warning says so); each receives its own state
         back.
         Typical use after rank ``r`` restarted with an empty state::
 

@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 import torch
 
+import aiostage
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _distributed import run_group
@@ -83,6 +85,14 @@ async def _worker(rank: int, world: int, storage_dir: str) -> None:
         assert torch.equal(on_disk["plain"], _make(peer, world, mesh)["plain"])
         local = on_disk["shard"].to_local()
         assert torch.equal(local, _make(peer, world, mesh)["shard"].to_local())
+        # DTensors alone load weights_only (torch allow-lists their classes),
+        # through aiostage.load's own record reader.
+        only_dtensor = Path(storage_dir) / f"dtensor_{rank}.pt"
+        torch.save({"shard": on_disk["shard"]}, only_dtensor)
+        loaded = await aiostage.load(only_dtensor)
+        assert type(loaded["shard"]) is type(on_disk["shard"])
+        assert loaded["shard"].placements == on_disk["shard"].placements
+        assert torch.equal(loaded["shard"].to_local(), local)
         # Rank 0 "restarts": a fresh stager that has seen no DTensor (it is told the
         # mesh) gets its state back from the partner's memory.
         if rank == 0:
