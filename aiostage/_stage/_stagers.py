@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import operator
 import os
 import types
 import warnings
@@ -46,6 +47,9 @@ S = TypeVar("S", bound="_StagerBase")
 
 #: How long the traversal may hold the event loop before yielding (seconds).
 TRAVERSAL_BUDGET_S = 0.002
+
+
+_is_fresh = operator.attrgetter("fresh")
 
 
 def _mixed_dtypes_error(path: str) -> StagingError:
@@ -356,8 +360,11 @@ class DefaultStager(_StagerBase):
         batches = plan.batches(opts.chunk_bytes, indices)
         if device.type == "cpu" and self._device_ops is None:
             copy = functools.partial(copy_batch, whole=plan.whole)
+            threads = opts.threads
+            if opts.copy_threads is None and any(map(_is_fresh, plan.requests)):
+                threads = 1  # into new buffers: see StagingOptions.copy_threads
             return functools.partial(
-                run_in_threads, plan.requests, batches, opts.threads, plan.batch_done, copy
+                run_in_threads, plan.requests, batches, threads, plan.batch_done, copy
             )
         ops: DeviceOps = self._device_ops if self._device_ops is not None else TorchDeviceOps()
         stream = self._streams.get(device)

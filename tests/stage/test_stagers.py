@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -313,3 +314,29 @@ async def test_close_frees_the_buffers_off_the_loop_thread(
     await stager.close()
     assert freed_on and freed_on[0] != loop_thread
     assert stager.cache_info().storages == 0
+
+
+@pytest.mark.parametrize("explicit", [None, 3])
+async def test_copy_threads_one_into_new_buffers_all_cores_after(
+    monkeypatch: pytest.MonkeyPatch, explicit: int | None
+) -> None:
+    """By default a stage into newly allocated buffers copies with one
+    thread (page faults from several contend), later stages with one per
+    core (at most 4); an explicit copy_threads is always used."""
+    from aiostage._stage import _stagers
+
+    used: list[int] = []
+    real = _stagers.run_in_threads
+
+    async def spy(requests: Any, batches: Any, threads: int, *rest: Any) -> None:
+        used.append(threads)
+        await real(requests, batches, threads, *rest)
+
+    monkeypatch.setattr(_stagers, "run_in_threads", spy)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    sd = {"w": torch.randn(1000), "b": torch.randn(10)}
+    async with DefaultStager(StagingOptions(copy_threads=explicit)) as stager:
+        first = await stager.stage(sd)
+        assert torch.equal(first["w"], sd["w"])
+        await stager.stage(sd)
+    assert used == ([1, 4] if explicit is None else [3, 3])
