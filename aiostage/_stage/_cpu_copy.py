@@ -54,6 +54,12 @@ def copy_batch(
                 if req.pin and seg.start == 0:
                     pin_storage(req.dst)
                 if req.fresh and req.src.device.type == "cpu":
+                    if req.src.nbytes() < seg.stop:  # raw pointers: check the bounds
+                        raise RuntimeError(
+                            f"the source storage shrank to {req.src.nbytes()} bytes "
+                            f"during the stage (planned {req.nbytes}); do not resize "
+                            "tensors while they are being staged"
+                        )
                     # Into never-written memory the copy is bound by page
                     # faults: one plain memmove (GIL released) takes about
                     # 0.4x the time of torch's copy, whose OpenMP threads

@@ -499,3 +499,19 @@ def test_only_newly_allocated_staging_storages_are_marked_fresh() -> None:
     gc.collect()
     third = _plan_of(stager, sd)
     assert [r.fresh for r in third.requests] == [False, False]
+
+
+def test_a_source_shrunk_after_planning_is_an_error_not_an_overread() -> None:
+    """The memmove path for fresh buffers checks the bounds first: a source
+    storage shrunk between plan and copy is a StagingError naming the key,
+    not a read past its end."""
+    stager = StateDictStager()
+    sd = {"a": torch.randn(100_000)}
+    plan = _plan_of(stager, sd)
+    assert plan.requests[0].fresh
+    sd["a"].untyped_storage().resize_(16)
+    with pytest.raises(StagingError, match="shrank") as err:
+        for batch in plan.batches(16 << 20):
+            copy_batch(plan.requests, batch, plan.whole)
+    assert err.value.path == "a"
+    stager.discard(plan)
