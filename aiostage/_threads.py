@@ -170,9 +170,7 @@ def _background_nice() -> int:
     try:
         value = int(raw)
     except ValueError:
-        raise ValueError(
-            f"{BACKGROUND_NICE_ENV}={raw!r}: expected an integer from 0 to 19"
-        ) from None
+        value = -1  # refused below, with the one message
     if not 0 <= value <= 19:
         raise ValueError(f"{BACKGROUND_NICE_ENV}={raw!r}: expected an integer from 0 to 19")
     return value

@@ -1,18 +1,19 @@
 """Read a checkpoint's storage records in parallel, then rebuild its state.
 
-``torch.load`` reads one record at a time, on one thread, into memory that is
-faulted in as the bytes arrive: on a cold cache the disk waits for the page
-faults and the page faults wait for the disk.  This path reads every
-``data/<key>`` record first, with ``preadv`` from a few worker threads into
-fresh storages (adjacent small records coalesced into one call, large ones
-cut into chunks so the threads share them evenly), and only then runs
-torch's own weights-only unpickler on ``data.pkl``, handing it the storages
-already read.  The rules of what may be unpickled are torch's, unchanged;
-every storage holds its bytes before any tensor is rebuilt from it.
+``torch.load`` reads one record at a time into memory that is faulted in as
+the bytes arrive, and reads data while it unpickles.  This path reads every
+``data/<key>`` record first, with ``preadv`` from worker threads into their
+final memory (adjacent small records coalesced into one batch, large ones
+cut into batches so that threads can share them and a cancellation stops
+between them), and only then runs torch's own weights-only unpickler on
+``data.pkl``, handing it the storages already read.  The rules of what may
+be unpickled are torch's, unchanged; every storage holds its bytes before
+any tensor is rebuilt from it.
 
 It applies to CPU loads of little-endian archives (what aiostage and
-``torch.save`` write on every machine torch supports); anything else goes
-through ``torch.load`` (:func:`read_state` raises :class:`Unsupported`).
+``torch.save`` write on every machine torch supports); for anything else
+:func:`check_byteorder` or :func:`archive_prefix` raise :class:`Unsupported`
+and ``aiostage.load`` goes through ``torch.load``.
 """
 
 from __future__ import annotations
@@ -40,13 +41,14 @@ __all__ = [
     "check_byteorder",
     "plan_reads",
     "read_batch",
-    "read_pickle",
+    "read_record",
     "sized",
+    "storage_records",
     "unpickle",
 ]
 
 READ_BATCH_BYTES = 64 * 1024 * 1024
-"""Most bytes one ``preadv`` call reads (records larger than this are cut)."""
+"""Most bytes one batch (one worker-thread step) reads; larger records are cut."""
 
 SYSCALL_BYTES = 16 * 1024 * 1024
 """Most bytes one ``preadv`` system call reads.  Large calls let the kernel
@@ -80,8 +82,9 @@ class RecordEntry(Protocol):
 
 @dataclass(frozen=True)
 class ReadBatch:
-    """One ``preadv`` call: ``parts`` are ``(storage, start, stop)`` byte
-    ranges (``None`` storage: a gap to skip) covering ``[offset, offset + nbytes)``."""
+    """One contiguous run of the file, read by one worker-thread step:
+    ``parts`` are ``(storage, start, stop)`` byte ranges (``None`` storage:
+    a gap to skip) covering ``[offset, offset + nbytes)``."""
 
     offset: int
     nbytes: int
@@ -95,6 +98,16 @@ def archive_prefix(entries: Sequence[RecordEntry]) -> str:
         if e.name.endswith("/data.pkl") and e.name.count("/") == 1:
             return e.name[: -len("data.pkl")]
     raise Unsupported("no top-level data.pkl")
+
+
+def storage_records(entries: Sequence[RecordEntry], prefix: str) -> dict[str, RecordEntry]:
+    """The ``{prefix}data/<key>`` records (the storages), by key."""
+    data = prefix + "data/"
+    return {
+        e.name[len(data) :]: e
+        for e in entries
+        if e.name.startswith(data) and "/" not in e.name[len(data) :]
+    }
 
 
 def plan_reads(
@@ -112,11 +125,7 @@ def plan_reads(
     Returns:
         The fresh storages by key, and the batches.
     """
-    data = prefix + "data/"
-    records = sorted(
-        (e for e in entries if e.name.startswith(data) and "/" not in e.name[len(data) :]),
-        key=lambda e: e.data_offset,
-    )
+    records = sorted(storage_records(entries, prefix).items(), key=lambda kv: kv[1].data_offset)
     storages: dict[str, torch.UntypedStorage] = {}
     batches: list[ReadBatch] = []
     parts: list[tuple[torch.UntypedStorage | None, int, int]] = []
@@ -128,8 +137,7 @@ def plan_reads(
             batches.append(ReadBatch(start, end - start, tuple(parts)))
             parts = []
 
-    for e in records:
-        key = e.name[len(data) :]
+    for key, e in records:
         if targets is not None and key in targets:
             storage, base = targets[key]
         else:
@@ -203,12 +211,12 @@ def _window(views: list[memoryview], skip: int, limit: int) -> list[memoryview]:
     return out
 
 
-def read_pickle(path: str, fd: int, entry: RecordEntry) -> bytes:
-    """The bytes of ``data.pkl`` (blocking)."""
+def read_record(path: str, fd: int, entry: RecordEntry) -> bytes:
+    """The bytes of a small record such as ``data.pkl`` (blocking)."""
     buf = bytearray(entry.size)
     got = os.preadv(fd, [buf], entry.data_offset) if entry.size else 0
     if got != entry.size:
-        raise CorruptCheckpointError("data.pkl is truncated", path=path, record=entry.name)
+        raise CorruptCheckpointError("record is truncated", path=path, record=entry.name)
     return bytes(buf)
 
 
@@ -216,7 +224,7 @@ def check_byteorder(path: str, fd: int, entries: Mapping[str, RecordEntry], pref
     """Raise :class:`Unsupported` unless the archive's storages are in this
     machine's byte order (torch assumes little-endian when unmarked)."""
     entry = entries.get(prefix + "byteorder")
-    order = read_pickle(path, fd, entry).decode("ascii", "replace") if entry else "little"
+    order = read_record(path, fd, entry).decode("ascii", "replace") if entry else "little"
     if order != sys.byteorder:
         raise Unsupported(f"byte order {order!r}")
 
