@@ -10,6 +10,21 @@ import torch
 
 import aiostage
 
+#: The dtypes every round-trip test covers.
+ALL_DTYPES = [
+    torch.float32,
+    torch.float64,
+    torch.float16,
+    torch.bfloat16,
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.uint8,
+    torch.bool,
+    torch.complex64,
+]
+
 
 def _raw(t: torch.Tensor) -> bytes:
     """All bytes of the tensor's storage (bit-exact comparison, NaN-safe)."""

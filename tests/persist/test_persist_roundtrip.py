@@ -10,23 +10,9 @@ from typing import Any
 
 import pytest
 import torch
-from _compare import assert_same
+from _compare import ALL_DTYPES, assert_same
 
 import aiostage
-
-DTYPES = [
-    torch.float32,
-    torch.float64,
-    torch.float16,
-    torch.bfloat16,
-    torch.int8,
-    torch.int16,
-    torch.int32,
-    torch.int64,
-    torch.uint8,
-    torch.bool,
-    torch.complex64,
-]
 
 
 def _filled(dtype: torch.dtype, n: int = 37) -> torch.Tensor:
@@ -45,7 +31,7 @@ def make_state() -> dict[str, Any]:
     base = torch.arange(48, dtype=torch.float32)
     grid = base.view(6, 8)
     return {
-        "dtypes": {str(dt): _filled(dt) for dt in DTYPES},
+        "dtypes": {str(dt): _filled(dt) for dt in ALL_DTYPES},
         "nested": {
             "list": [torch.randn(3), (torch.ones(2, dtype=torch.int64), 5, "five")],
             "od": OrderedDict([("z", torch.zeros(2)), ("a", torch.full((2, 2), 7.0))]),

@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 
 import pytest
 import torch
+from _compare import ALL_DTYPES
 
 from aiostage import CacheInfo, StagingError, StateDictStager
 from aiostage._stage._cpu_copy import copy_batch
@@ -264,21 +265,6 @@ def test_tensor_attributes_requires_grad_and_parameter_survive() -> None:
     assert type(out["frozen"]) is torch.nn.Parameter and not out["frozen"].requires_grad
     assert out["g"].requires_grad and out["g"].is_leaf
     assert torch.equal(out["p"].detach(), p.detach())
-
-
-ALL_DTYPES = [
-    torch.float32,
-    torch.float64,
-    torch.float16,
-    torch.bfloat16,
-    torch.int8,
-    torch.int16,
-    torch.int32,
-    torch.int64,
-    torch.uint8,
-    torch.bool,
-    torch.complex64,
-]
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
