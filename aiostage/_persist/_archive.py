@@ -13,7 +13,12 @@ that ``torch.load`` expects under one top folder::
 
 Every record's data starts on a 64-byte boundary (the local header's extra
 field is padded with a ``"FB"`` block, as ``torch.save`` does), so that
-``torch.load(mmap=True)`` can map storages in place.
+``torch.load(mmap=True)`` can map storages in place.  A large storage whose
+memory is 64-byte aligned may be padded further, so that its file offset and
+its address agree modulo :data:`DIRECT_ALIGN` (``StorageRecord.direct``):
+then every whole file block of its bytes starts at an aligned address and can
+be written with ``O_DIRECT`` straight from the storage (see
+:mod:`aiostage._persist._writer`).  That costs at most 4 KiB per such record.
 
 Because every size is known once the state is pickled (pickling needs only
 metadata, never tensor bytes), every record's offset is computed before the
@@ -42,6 +47,10 @@ import torch
 
 ALIGNMENT = 64
 """Data alignment of every record, as ``torch.save`` writes it."""
+
+DIRECT_ALIGN = 4096
+"""The file offset, address and length alignment of an ``O_DIRECT`` write
+(a page: a multiple of every common logical block size)."""
 
 _U32_MAX = 0xFFFFFFFF
 _U16_MAX = 0xFFFF
@@ -85,6 +94,9 @@ class StorageRecord:
     data_offset: int = 0
     zip64: bool = False
     crc: int = 0
+    direct: bool = False
+    """``data_offset`` is congruent to the storage's address modulo
+    :data:`DIRECT_ALIGN`, so its whole blocks can be written with ``O_DIRECT``."""
 
 
 @dataclass(eq=False)
@@ -122,7 +134,9 @@ class ArchivePlan:
         """The trailing records, the central directory and the end records."""
         out = bytearray()
         for rec in self.tail_records:
-            out += _local_header_for(rec.name, len(rec.data), rec.crc, rec.zip64, rec.header_offset)
+            out += _local_header_for(
+                rec.name, len(rec.data), rec.crc, rec.zip64, rec.header_offset, rec.data_offset
+            )
             out += rec.data
         central_offset = self.tail_offset + len(out)
         entries: list[tuple[str, int, int, int, bool]] = [
@@ -212,9 +226,18 @@ def pickle_state(obj: object) -> tuple[bytes, list[StorageRecord]]:
 # --- layout -------------------------------------------------------------------
 
 
-def _padding(after: int) -> bytes:
-    """An ``FB`` extra block that moves ``after`` up to the next aligned offset."""
-    need = -(after + 4) % ALIGNMENT
+def _data_offset(after: int, modulus: int = ALIGNMENT, residue: int = 0) -> int:
+    """The first offset at or past ``after`` plus an ``FB`` block's 4-byte
+    header that is ``residue`` modulo ``modulus``: where a record's data
+    starts when its fixed local header ends at ``after``."""
+    return after + 4 + (residue - (after + 4)) % modulus
+
+
+def _padding(after: int, data_offset: int) -> bytes:
+    """The ``FB`` extra block that fills ``[after, data_offset)``."""
+    need = data_offset - after - 4
+    if need < 0 or need > _U16_MAX - 24:  # pragma: no cover - guarded by _data_offset
+        raise ValueError(f"cannot pad {data_offset - after} bytes in a local header")
     return struct.pack("<HH", _PAD_ID, need) + b"Z" * need
 
 
@@ -222,7 +245,9 @@ def _local_fixed_len(name: str, zip64: bool) -> int:
     return _LOCAL_FMT.size + len(name.encode()) + (20 if zip64 else 0)
 
 
-def _local_header_for(name: str, size: int, crc: int, zip64: bool, header_offset: int) -> bytes:
+def _local_header_for(
+    name: str, size: int, crc: int, zip64: bool, header_offset: int, data_offset: int
+) -> bytes:
     raw = name.encode()
     extra = b""
     if zip64:
@@ -230,7 +255,7 @@ def _local_header_for(name: str, size: int, crc: int, zip64: bool, header_offset
         stored = _U32_MAX
     else:
         stored = size
-    extra += _padding(header_offset + _LOCAL_FMT.size + len(raw) + len(extra))
+    extra += _padding(header_offset + _LOCAL_FMT.size + len(raw) + len(extra), data_offset)
     head = _LOCAL_FMT.pack(
         _LOCAL_SIG,
         _VERSION_ZIP64 if zip64 else _VERSION_PLAIN,
@@ -249,7 +274,9 @@ def _local_header_for(name: str, size: int, crc: int, zip64: bool, header_offset
 
 def local_header(rec: StorageRecord) -> bytes:
     """The local header of a storage record, once its CRC is known."""
-    return _local_header_for(rec.name, rec.nbytes, rec.crc, rec.zip64, rec.header_offset)
+    return _local_header_for(
+        rec.name, rec.nbytes, rec.crc, rec.zip64, rec.header_offset, rec.data_offset
+    )
 
 
 def _central_header(name: str, size: int, crc: int, offset: int, zip64: bool) -> bytes:
@@ -326,8 +353,14 @@ def plan_archive(
     *,
     top: str = "archive",
     force_zip64: bool = False,
+    direct_min: int | None = None,
 ) -> ArchivePlan:
-    """Lay out every record of the archive; fill in offsets and the head bytes."""
+    """Lay out every record of the archive; fill in offsets and the head bytes.
+
+    With ``direct_min``, each storage of at least that many bytes whose memory
+    is :data:`ALIGNMENT`-aligned is placed for ``O_DIRECT`` writes
+    (``StorageRecord.direct``); it must not move before it is written.
+    """
     serialization_id = "".join(str(secrets.randbelow(10)) for _ in range(40))
     head_records = [
         Record(f"{top}/data.pkl", pickled),
@@ -345,9 +378,10 @@ def plan_archive(
         rec.header_offset = offset
         rec.zip64 = _needs_zip64(offset, len(rec.data), force_zip64)
         rec.crc = _crc(rec.data)
-        header = _local_header_for(rec.name, len(rec.data), rec.crc, rec.zip64, offset)
-        head += header
-        rec.data_offset = offset + len(header)
+        rec.data_offset = _data_offset(offset + _local_fixed_len(rec.name, rec.zip64))
+        head += _local_header_for(
+            rec.name, len(rec.data), rec.crc, rec.zip64, offset, rec.data_offset
+        )
         head += rec.data
         offset = rec.data_offset + len(rec.data)
     payload = len(pickled)
@@ -356,8 +390,13 @@ def plan_archive(
         s.name = f"{top}/data/{s.key}"
         s.header_offset = offset
         s.zip64 = _needs_zip64(offset, s.nbytes, force_zip64)
-        fixed = _local_fixed_len(s.name, s.zip64)
-        s.data_offset = offset + fixed + len(_padding(offset + fixed))
+        fixed = offset + _local_fixed_len(s.name, s.zip64)
+        address = s.storage.data_ptr() if direct_min is not None and s.nbytes >= direct_min else 1
+        s.direct = address % ALIGNMENT == 0
+        if s.direct:
+            s.data_offset = _data_offset(fixed, DIRECT_ALIGN, address % DIRECT_ALIGN)
+        else:
+            s.data_offset = _data_offset(fixed)
         offset = s.data_offset + s.nbytes
         payload += s.nbytes
     tail_offset = offset
@@ -365,8 +404,7 @@ def plan_archive(
         rec.header_offset = offset
         rec.zip64 = _needs_zip64(offset, len(rec.data), force_zip64)
         rec.crc = _crc(rec.data)
-        fixed = _local_fixed_len(rec.name, rec.zip64)
-        rec.data_offset = offset + fixed + len(_padding(offset + fixed))
+        rec.data_offset = _data_offset(offset + _local_fixed_len(rec.name, rec.zip64))
         offset = rec.data_offset + len(rec.data)
     return ArchivePlan(
         head_records=head_records,

@@ -8,12 +8,13 @@ import sys
 import threading
 import traceback
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
 import torch
 
-from aiostage._persist import _atomic
+from aiostage._persist import _writer
 from aiostage._persist._writer import persist
 from aiostage._threads import run_sync
 
@@ -74,17 +75,19 @@ async def test_cancelled_persist_waits_for_the_chunk_in_flight(
     release = threading.Event()
     writes_after_cancel: list[int] = []
     token = anyio.lowlevel.current_token()
-    real_write_all = _atomic.write_all
+    real_write_batch = _writer._write_batch
 
-    def instrumented_write_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    def instrumented_write_batch(fd: int, temp: Any, batch: list[Any]) -> None:
         # Pauses the first storage chunk's write inside its worker thread.
-        if memoryview(data).nbytes >= MiB and not in_write.is_set():
+        first = not in_write.is_set()
+        if first:
             anyio.from_thread.run_sync(in_write.set, token=token)
             release.wait()
-            writes_after_cancel.append(offset)
-        real_write_all(fd, data, offset)
+        real_write_batch(fd, temp, batch)
+        if first:
+            writes_after_cancel.append(batch[0].rec.data_offset)
 
-    monkeypatch.setattr(_atomic, "write_all", instrumented_write_all)
+    monkeypatch.setattr(_writer, "_write_batch", instrumented_write_batch)
     target = tmp_path / "c.pt"
     state = {f"w{i}": torch.ones(4 * MiB) for i in range(2)}
     task = asyncio.create_task(persist(state, target, _chunk_bytes=16 * MiB))
