@@ -111,9 +111,9 @@ async def test_background_threads_run_at_lower_priority(
     seen: list[int] = []
     real = _writer._write_batch
 
-    def spy(fd: int, batch: Any) -> None:
+    def spy(fd: int, temp: Any, batch: Any) -> None:
         seen.append(_own_niceness())
-        real(fd, batch)
+        real(fd, temp, batch)
 
     monkeypatch.setattr(_writer, "_write_batch", spy)
     base = _own_niceness()

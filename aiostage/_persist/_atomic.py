@@ -13,6 +13,12 @@ therefore always names either the previous complete file or the new one.
 
 Temp files left by a killed process are removed by the next write to the
 same target (:func:`remove_stale_temps`).
+
+Replacing a large file frees its blocks inside the rename, which on ext4
+(mounted with ``discard`` here) took 0.2 s per GiB: a quarter of a 1 GiB
+checkpoint's write.  :func:`hold_replaced` keeps the old file open across the
+rename, so that the rename only drops its name and its blocks are freed when
+that descriptor is closed, after the new checkpoint is durable.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import contextlib
 import os
 import re
 import secrets
+import stat
 import threading
 from pathlib import Path
 
@@ -117,6 +124,36 @@ def write_all(fd: int, data: bytes | memoryview, offset: int) -> None:
             raise OSError(0, "pwrite wrote nothing")
         view = view[n:]
         offset += n
+
+
+HOLD_MIN_BYTES = 16 * 1024 * 1024
+"""Smaller replaced files are freed inside the rename (it costs little)."""
+
+
+def hold_replaced(target: Path) -> int | None:
+    """A read-only descriptor of the regular file at ``target`` (at least
+    :data:`HOLD_MIN_BYTES`, not hard-linked elsewhere), to keep its blocks
+    allocated past a rename over it; None if there is no such file.
+
+    Never follows a symlink and never blocks (``O_NONBLOCK``: a FIFO of that
+    name is opened and at once let go).
+    """
+    flags = os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0) | os.O_NONBLOCK
+    try:
+        fd = os.open(target, flags)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        st = None
+    if st is None or not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        os.close(fd)
+        return None
+    if st.st_size < HOLD_MIN_BYTES:
+        os.close(fd)
+        return None
+    return fd
 
 
 def fsync_dir(directory: Path) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 
 import aiostage
 from aiostage import PersistError
+from aiostage._persist import _atomic, _writer
 from aiostage._persist._writer import persist
 
 MiB = 1024 * 1024
@@ -61,3 +63,44 @@ async def test_full_disk_gives_enospc_and_keeps_previous(small_disk: Path, direc
     # The space is free again: a checkpoint that fits is written.
     await persist({"w": too_big["w1"][: MiB // 2]}, target, direct_io=direct_io)
     assert torch.equal((await aiostage.load(target))["w"], too_big["w1"][: MiB // 2])
+
+
+def used_bytes(directory: Path) -> int:
+    st = os.statvfs(directory)
+    return (st.f_blocks - st.f_bfree) * st.f_frsize
+
+
+async def test_replaced_checkpoint_is_freed_after_return_and_before_the_next_write(
+    small_disk: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The old file's blocks are freed on a background thread after the
+    rename, and the next persist waits for that: on a disk with room for two
+    checkpoints, a third never has to fit."""
+    monkeypatch.setattr(_atomic, "HOLD_MIN_BYTES", 0)
+    gate = threading.Event()
+    real_close = _writer._close_quietly
+    real_wait = _writer._wait_releases
+
+    def gated_close(fd: int) -> None:
+        gate.wait()
+        real_close(fd)
+
+    def wait_opening_the_gate() -> None:
+        gate.set()  # only the next write's wait lets the old file go
+        real_wait()
+
+    monkeypatch.setattr(_writer, "_close_quietly", gated_close)
+    target = small_disk / "ckpt.pt"
+    three_mib = MiB * 3 // 4
+    await persist({"a": torch.full((three_mib,), 1.0)}, target)
+    before = used_bytes(small_disk)
+    await persist({"b": torch.full((three_mib,), 2.0)}, target)
+    # The replaced file still holds its blocks: freeing it is deferred.
+    assert used_bytes(small_disk) >= before + 3 * MiB
+    monkeypatch.setattr(_writer, "_wait_releases", wait_opening_the_gate)
+    # A third 3 MiB file fits only once the first is freed (8 MiB disk).
+    await persist({"c": torch.full((three_mib,), 3.0)}, target)
+    assert torch.equal((await aiostage.load(target))["c"], torch.full((three_mib,), 3.0))
+    real_wait()
+    assert used_bytes(small_disk) < before + 2 * MiB
+    assert os.listdir(small_disk) == ["ckpt.pt"]
