@@ -172,7 +172,8 @@ def _crc_pool() -> concurrent.futures.ThreadPoolExecutor:
 #: busy thread only slows the writer and the event loop, so the CRCs wait for
 #: the last write and overlap the data's fdatasync instead.  With direct I/O
 #: the writer waits on the device without using a core (and the fdatasync is
-#: short), so then the CRCs run beside the writes on any machine.
+#: short), so then each batch's CRC runs while that batch is written, on any
+#: machine.
 _CRC_BESIDE_WRITES = (os.cpu_count() or 1) > 2
 
 _CRC_POOL: concurrent.futures.ThreadPoolExecutor | None = None
@@ -490,11 +491,16 @@ async def persist(
                 for piece in batch:
                     if piece.start == 0:
                         await wait_ready(piece.rec.storage)
-            await run_background(_write_batch, fd, temp, batch)
-            if _CRC_BESIDE_WRITES or temp.dfd is not None:
+            if temp.dfd is not None:
+                # The batch has landed: checksum it while the device writes it.
                 crcs.append(_crc_pool().submit(_crc_batch, fd, batch))
+                await run_background(_write_batch, fd, temp, batch)
             else:
-                deferred.append(batch)
+                await run_background(_write_batch, fd, temp, batch)
+                if _CRC_BESIDE_WRITES:
+                    crcs.append(_crc_pool().submit(_crc_batch, fd, batch))
+                else:
+                    deferred.append(batch)
             done += sum(p.end - p.start for p in batch)
             if progress is not None:
                 progress(done, total)
