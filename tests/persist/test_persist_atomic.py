@@ -312,3 +312,46 @@ async def test_abandoned_temp_of_this_process_is_stale(tmp_path: Path) -> None:
     _atomic.forget_temp(tmp)  # as if its writer vanished without cleanup
     await aiostage.persist({"a": torch.ones(2)}, target)
     assert not tmp.exists()
+
+
+def test_only_a_large_regular_file_of_its_own_is_held_across_the_rename(tmp_path: Path) -> None:
+    """hold_replaced opens the old checkpoint only when that defers real work:
+    never a symlink (not followed), a FIFO (would block), a small file or
+    one hard-linked elsewhere (renaming over it frees nothing)."""
+    big = tmp_path / "big.pt"
+    with open(big, "wb") as f:
+        f.truncate(_atomic.HOLD_MIN_BYTES)
+    fd = _atomic.hold_replaced(big)
+    assert fd is not None
+    try:
+        assert os.fstat(fd).st_ino == big.stat().st_ino
+    finally:
+        os.close(fd)
+
+    small = tmp_path / "small.pt"
+    small.write_bytes(b"x" * 100)
+    assert _atomic.hold_replaced(small) is None
+
+    link = tmp_path / "link.pt"
+    link.symlink_to(big)
+    assert _atomic.hold_replaced(link) is None
+
+    fifo = tmp_path / "fifo.pt"
+    os.mkfifo(fifo)
+    assert _atomic.hold_replaced(fifo) is None  # returns at once: O_NONBLOCK
+
+    twin = tmp_path / "twin.pt"
+    os.link(big, twin)
+    assert _atomic.hold_replaced(big) is None
+    assert _atomic.hold_replaced(tmp_path / "missing.pt") is None
+
+
+async def test_persist_over_a_symlink_replaces_the_link_not_its_target(tmp_path: Path) -> None:
+    real = tmp_path / "real.pt"
+    await persist({"old": torch.ones(5 * MiB)}, real)
+    link = tmp_path / "ckpt.pt"
+    link.symlink_to(real)
+    await persist({"new": torch.zeros(5 * MiB)}, link)
+    assert not link.is_symlink()
+    assert list((await aiostage.load(link)).keys()) == ["new"]
+    assert list((await aiostage.load(real)).keys()) == ["old"]
