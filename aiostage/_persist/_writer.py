@@ -39,8 +39,8 @@ writes through it every whole 4 KiB block of a large storage (the archive
 places such storages so that file offset and address agree modulo 4 KiB);
 the partial blocks at either end, the headers and the small records go
 through the ordinary descriptor.  The two never write the same page.  Where
-the file system refuses ``O_DIRECT`` (tmpfs, some network and FUSE file
-systems) or refuses a write (an alignment it does not accept), everything
+the file system refuses ``O_DIRECT`` (tmpfs before Linux 6.6, some network
+and FUSE file systems) or refuses a write (an alignment it does not accept), everything
 goes through the page cache instead; nothing else changes.  ``persist(...,
 direct_io=False)`` or the environment variable ``AIOSTAGE_DIRECT_IO=0``
 turns it off.
@@ -298,7 +298,7 @@ def _release(held: int | None) -> None:
     checkpoints never sees three."""
     if held is None:
         return
-    future = background_executor_for_releases().submit(_close_quietly, held)
+    future = _release_pool().submit(_close_quietly, held)
     with _RELEASES_LOCK:
         _RELEASES[:] = [f for f in _RELEASES if not f.done()]
         _RELEASES.append(future)
@@ -314,8 +314,9 @@ def _wait_releases() -> None:
 _RELEASE_POOL: concurrent.futures.ThreadPoolExecutor | None = None
 
 
-def background_executor_for_releases() -> concurrent.futures.ThreadPoolExecutor:
-    """One background thread, shared by every write, that frees replaced files."""
+def _release_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """One background thread, shared by every write, that frees replaced files
+    (created under the CRC pool's lock, which guards both)."""
     global _RELEASE_POOL
     with _CRC_POOL_LOCK:
         if _RELEASE_POOL is None:
