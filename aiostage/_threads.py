@@ -36,6 +36,7 @@ import anyio.to_thread
 __all__ = [
     "BACKGROUND_NICE_ENV",
     "GilTurns",
+    "BackgroundPool",
     "background_executor",
     "run_all",
     "run_background",
@@ -159,8 +160,6 @@ process); read when the first background thread starts.
 """
 
 _DEFAULT_BACKGROUND_NICE = 10
-_background: concurrent.futures.ThreadPoolExecutor | None = None
-_background_lock = threading.Lock()
 
 
 def _background_nice() -> int:
@@ -202,21 +201,45 @@ def background_executor(
     )
 
 
-def _background_pool() -> concurrent.futures.ThreadPoolExecutor:
-    global _background
-    with _background_lock:
-        if _background is None:
-            _background = background_executor()
-        return _background
+class BackgroundPool:
+    """A :func:`background_executor` made on first use (call the object).
+
+    A forked child has none of its parent's threads, so every such pool is
+    forgotten in the child and made afresh there: a pool inherited as is
+    would take work and never run it.
+    """
+
+    def __init__(self, name: str, workers: int) -> None:
+        self.name = name
+        self.workers = workers
+        self.pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+        _POOLS.append(self)
+
+    def __call__(self) -> concurrent.futures.ThreadPoolExecutor:
+        with self._lock:
+            if self.pool is None:
+                self.pool = background_executor(self.name, self.workers)
+            return self.pool
+
+    def forget(self) -> None:
+        self.pool = None
+        self._lock = threading.Lock()  # a lock held at fork stays held in the child
 
 
-def _forget_background_pool() -> None:
-    global _background
-    _background = None  # a forked child has none of the parent's threads
+_POOLS: list[BackgroundPool] = []
+
+
+def _forget_pools() -> None:
+    for pool in _POOLS:
+        pool.forget()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_background_pool)
+    os.register_at_fork(after_in_child=_forget_pools)
+
+_background_pool = BackgroundPool("aiostage-background", 8)
+"""The threads :func:`run_background` runs on."""
 
 
 async def run_background(func: Callable[..., T], *args: object) -> T:

@@ -119,7 +119,7 @@ async def test_background_threads_run_at_lower_priority(
     base = _own_niceness()
     for env, want in (("", min(19, base + 10)), ("3", min(19, base + 3)), ("0", base)):
         monkeypatch.setenv(_threads.BACKGROUND_NICE_ENV, env)
-        monkeypatch.setattr(_threads, "_background", None)  # a pool made with this setting
+        monkeypatch.setattr(_threads._background_pool, "pool", None)  # made with this setting
         seen.clear()
         await aiostage.persist({"w": torch.ones(10)}, tmp_path / "ckpt.pt")
         assert seen and set(seen) == {want}, (env, seen)

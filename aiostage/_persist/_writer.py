@@ -65,7 +65,7 @@ from aiostage._exceptions import PersistError
 from aiostage._memory import release_free_memory
 from aiostage._persist import _archive, _atomic
 from aiostage._progress import Progress, check_progress
-from aiostage._threads import background_executor, run_background
+from aiostage._threads import BackgroundPool, run_background
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
@@ -162,13 +162,8 @@ def _crc_pieces(batch: list[_Piece]) -> None:
             piece.rec.crc = zlib.crc32(view, piece.rec.crc)
 
 
-def _crc_pool() -> concurrent.futures.ThreadPoolExecutor:
-    """One thread, shared: CRC jobs of a record run in submission order."""
-    global _CRC_POOL
-    with _CRC_POOL_LOCK:
-        if _CRC_POOL is None:
-            _CRC_POOL = background_executor("aiostage-crc", workers=1)
-        return _CRC_POOL
+_crc_pool = BackgroundPool("aiostage-crc", workers=1)
+"""One thread, shared: CRC jobs of a record run in submission order."""
 
 
 #: With a spare core, CRCs run beside the writes; on one or two cores a third
@@ -178,9 +173,6 @@ def _crc_pool() -> concurrent.futures.ThreadPoolExecutor:
 #: short), so then each batch's CRC runs while that batch is written, on any
 #: machine.
 _CRC_BESIDE_WRITES = (os.cpu_count() or 1) > 2
-
-_CRC_POOL: concurrent.futures.ThreadPoolExecutor | None = None
-_CRC_POOL_LOCK = threading.Lock()
 
 
 def _direct_io_default() -> bool:
@@ -286,6 +278,8 @@ def _prepare(obj: object, force_zip64: bool, direct: bool) -> _archive.ArchivePl
 
 _RELEASES: list[concurrent.futures.Future[None]] = []
 _RELEASES_LOCK = threading.Lock()
+_release_pool = BackgroundPool("aiostage-release", workers=1)
+"""One thread, shared by every write, that frees replaced files."""
 
 
 def _close_quietly(fd: int) -> None:
@@ -314,17 +308,16 @@ def _wait_releases() -> None:
     concurrent.futures.wait(pending)
 
 
-_RELEASE_POOL: concurrent.futures.ThreadPoolExecutor | None = None
+def _forget_releases() -> None:
+    """In a forked child: the parent's pending releases never run here (the
+    child's copies of those descriptors close when it exits)."""
+    global _RELEASES_LOCK
+    _RELEASES.clear()
+    _RELEASES_LOCK = threading.Lock()
 
 
-def _release_pool() -> concurrent.futures.ThreadPoolExecutor:
-    """One background thread, shared by every write, that frees replaced files
-    (created under the CRC pool's lock, which guards both)."""
-    global _RELEASE_POOL
-    with _CRC_POOL_LOCK:
-        if _RELEASE_POOL is None:
-            _RELEASE_POOL = background_executor("aiostage-release", workers=1)
-        return _RELEASE_POOL
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_releases)
 
 
 def _check_parent(target: Path) -> None:

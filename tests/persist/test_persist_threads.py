@@ -124,3 +124,49 @@ async def test_anyio_cancel_scope_cancels_persist(tmp_path: Path) -> None:
     assert scope.cancelled_caught
     assert os.listdir(tmp_path) == ["c.pt"]
     assert list((await aiostage.load(target)).keys()) == ["old"]
+
+
+FORK_CHILD = """
+import asyncio, os, sys, torch
+from aiostage._persist import _atomic, _writer
+
+_atomic.HOLD_MIN_BYTES = 0  # every replaced file goes through the release thread
+directory = sys.argv[1]
+state = {"w": torch.ones(1 << 20)}  # made before the fork: torch's OpenMP pool is not fork-safe
+
+
+async def save(name):
+    await _writer.persist(state, os.path.join(directory, name))
+
+
+asyncio.run(save("a.pt"))
+asyncio.run(save("a.pt"))  # the CRC, release and background pools now exist
+pid = os.fork()
+if pid == 0:
+    try:
+        asyncio.run(save("b.pt"))
+        asyncio.run(save("b.pt"))
+    except BaseException:
+        os._exit(3)
+    os._exit(0)
+_, status = os.waitpid(pid, 0)
+print("CHILD", os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_forked_child_persists_with_pools_of_its_own(tmp_path: Path) -> None:
+    """A child forked after writes has none of the parent's threads: it gets
+    fresh pools, and waits for none of the parent's pending releases."""
+    import subprocess
+
+    proc = subprocess.run(
+        [sys.executable, "-c", FORK_CHILD, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "CHILD 0" in proc.stdout, proc.stdout + proc.stderr
+    assert sorted(os.listdir(tmp_path)) == ["a.pt", "b.pt"]
