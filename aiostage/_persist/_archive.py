@@ -391,10 +391,14 @@ def plan_archive(
         s.header_offset = offset
         s.zip64 = _needs_zip64(offset, s.nbytes, force_zip64)
         fixed = offset + _local_fixed_len(s.name, s.zip64)
-        address = s.storage.data_ptr() if direct_min is not None and s.nbytes >= direct_min else 1
-        s.direct = address % ALIGNMENT == 0
+        s.direct = (
+            direct_min is not None
+            and s.nbytes >= direct_min
+            and s.storage.data_ptr() % ALIGNMENT == 0
+        )
         if s.direct:
-            s.data_offset = _data_offset(fixed, DIRECT_ALIGN, address % DIRECT_ALIGN)
+            residue = s.storage.data_ptr() % DIRECT_ALIGN
+            s.data_offset = _data_offset(fixed, DIRECT_ALIGN, residue)
         else:
             s.data_offset = _data_offset(fixed)
         offset = s.data_offset + s.nbytes

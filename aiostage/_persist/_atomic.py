@@ -147,10 +147,12 @@ def hold_replaced(target: Path) -> int | None:
         st = os.fstat(fd)
     except OSError:
         st = None
-    if st is None or not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
-        os.close(fd)
-        return None
-    if st.st_size < HOLD_MIN_BYTES:
+    if (
+        st is None
+        or not stat.S_ISREG(st.st_mode)
+        or st.st_nlink != 1
+        or st.st_size < HOLD_MIN_BYTES
+    ):
         os.close(fd)
         return None
     return fd
