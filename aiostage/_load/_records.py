@@ -14,11 +14,26 @@ It applies to CPU loads of little-endian archives (what aiostage and
 ``torch.save`` write on every machine torch supports); for anything else
 :func:`check_byteorder` or :func:`archive_prefix` raise :class:`Unsupported`
 and ``aiostage.load`` goes through ``torch.load``.
+
+Direct reads: a large record whose destination memory and file offset agree
+modulo :data:`~aiostage._persist._archive.DIRECT_ALIGN` (aiostage's writer
+places records so, and torch's CPU allocator puts large storages at the
+same offset into a page each time) has its whole blocks read with
+``O_DIRECT`` (:class:`DirectReads`) when they are not in the page cache:
+before each ``SYSCALL_BYTES`` window, ``cachestat`` (Linux 6.5+) tells how
+much of it the page cache holds.  (A ``preadv`` with ``RWF_NOWAIT`` would
+tell too, but its miss starts the readahead it declines to wait for: the
+file was then read twice, through both paths.)  A cold buffered read on
+the 2-core VM went at 0.6-2.0 GB/s with 0.2-1.5 s of CPU per GiB
+(page-cache allocation, then the copy), an ``O_DIRECT`` read of the same
+file at the device's 1.4-2.3 GB/s with 0.03 s.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import io
 import os
 import sys
@@ -29,10 +44,12 @@ from typing import Any, Protocol
 import torch
 
 from aiostage._exceptions import CheckpointLoadError, CorruptCheckpointError
-from aiostage._persist._writer import storage_view
+from aiostage._persist._archive import DIRECT_ALIGN
+from aiostage._persist._writer import DIRECT_MIN_BYTES, storage_view
 from aiostage._threads import GilTurns
 
 __all__ = [
+    "DirectReads",
     "READ_BATCH_BYTES",
     "SYSCALL_BYTES",
     "ReadBatch",
@@ -168,22 +185,164 @@ def plan_reads(
     return storages, batches
 
 
-def read_batch(path: str, fd: int, batch: ReadBatch) -> None:
+class _CachestatRange(ctypes.Structure):
+    _fields_ = (("off", ctypes.c_uint64), ("len", ctypes.c_uint64))
+
+
+class _Cachestat(ctypes.Structure):
+    _fields_ = (
+        ("nr_cache", ctypes.c_uint64),
+        ("nr_dirty", ctypes.c_uint64),
+        ("nr_writeback", ctypes.c_uint64),
+        ("nr_evicted", ctypes.c_uint64),
+        ("nr_recently_evicted", ctypes.c_uint64),
+    )
+
+
+_SYS_CACHESTAT = 451  # the same number on every architecture Linux 6.5+ has
+_libc: Any = None
+
+
+def page_cache_state(fd: int, offset: int, length: int) -> tuple[int, int] | None:
+    """Pages of ``[offset, offset + length)`` of ``fd``'s file that are in
+    the page cache, and how many of those are dirty (Linux 6.5+
+    ``cachestat``: looks, reads nothing); ``None`` where it is missing."""
+    global _libc
+    if not sys.platform.startswith("linux"):
+        return None
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    span = _CachestatRange(offset, length)
+    stat = _Cachestat()
+    if _libc.syscall(_SYS_CACHESTAT, fd, ctypes.byref(span), ctypes.byref(stat), 0) != 0:
+        return None  # ENOSYS: an older kernel
+    return int(stat.nr_cache), int(stat.nr_dirty)
+
+
+class DirectReads:
+    """The ``O_DIRECT`` descriptor of the checkpoint for one load, if any.
+
+    ``fd`` is ``None`` where the platform or the file system has no direct
+    I/O, where the kernel cannot tell what is in the page cache (before
+    Linux 6.5), or once a read was refused (``EINVAL``: an alignment the
+    file system does not take): the rest of the load then reads through
+    the page cache.
+    """
+
+    def __init__(self) -> None:
+        self.fd: int | None = None
+        self._closed_fd: int | None = None
+
+    def open(self, path: str, fd: int) -> None:
+        """Open ``path`` (open as ``fd``) again with ``O_DIRECT`` where the
+        platform, the kernel and the file system have it (blocking; for a
+        worker thread).  The caller closes."""
+        flag = getattr(os, "O_DIRECT", 0)
+        if flag and page_cache_state(fd, 0, DIRECT_ALIGN) is not None:
+            with contextlib.suppress(OSError):  # EINVAL: not supported here
+                self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | flag)
+
+    def refuse(self) -> None:
+        """Read the rest through the page cache (the descriptor stays open
+        until :meth:`close`: another reader thread may be using it)."""
+        if self.fd is not None:
+            self._closed_fd, self.fd = self.fd, None
+
+    def close(self) -> None:
+        for fd in (self.fd, self._closed_fd):
+            if fd is not None:
+                os.close(fd)
+        self.fd = self._closed_fd = None
+
+    def read(self, fd: int, window: list[memoryview], offset: int) -> int | None:
+        """Read ``window`` (one view of whole blocks) from ``offset`` with
+        ``O_DIRECT``, unless most of it is in the page cache or any of it
+        is dirty there; ``None``: read it through ``fd`` (the page cache)."""
+        dfd = self.fd
+        if dfd is None or offset % DIRECT_ALIGN:  # a short read ended mid-block
+            return None
+        nbytes = sum(v.nbytes for v in window)
+        state = page_cache_state(fd, offset, nbytes)
+        if state is None or state[1] or 2 * state[0] * DIRECT_ALIGN >= nbytes:
+            return None
+        try:
+            return os.preadv(dfd, window, offset)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            self.refuse()  # an alignment this file system does not take
+            return None
+
+    def spans(
+        self, batch: ReadBatch, views: Sequence[memoryview]
+    ) -> list[tuple[int, list[memoryview], bool]]:
+        """``batch`` as file-ordered spans ``(offset, views, direct)``: the
+        whole aligned blocks of each large part whose memory lines up with
+        the file are a direct span of their own, the rest buffered spans."""
+        spans: list[tuple[int, list[memoryview], bool]] = []
+        pending: list[memoryview] = []
+        start = at = batch.offset
+        for (storage, lo, _), view in zip(batch.parts, views, strict=True):
+            lo_pad = -at % DIRECT_ALIGN
+            hi = (at + view.nbytes) // DIRECT_ALIGN * DIRECT_ALIGN - at
+            if (
+                self.fd is not None
+                and storage is not None
+                and view.nbytes >= DIRECT_MIN_BYTES
+                and (storage.data_ptr() + lo - at) % DIRECT_ALIGN == 0
+                and hi > lo_pad
+            ):
+                if lo_pad:
+                    pending.append(view[:lo_pad])
+                if pending:
+                    spans.append((start, pending, False))
+                spans.append((at + lo_pad, [view[lo_pad:hi]], True))
+                pending, start = [], at + hi
+                if hi < view.nbytes:
+                    pending.append(view[hi:])
+            else:
+                pending.append(view)
+            at += view.nbytes
+        if pending:
+            spans.append((start, pending, False))
+        return spans
+
+
+def read_batch(path: str, fd: int, batch: ReadBatch, direct: DirectReads | None = None) -> None:
     """Fill ``batch``'s storages from the file (blocking; for a worker thread).
 
     Each ``preadv`` call reads at most ``SYSCALL_BYTES``: a read into fresh
     memory runs in the kernel for its whole length (page faults included),
     and a kernel that only preempts at system-call boundaries would keep
-    the event loop's thread off a core that long.
+    the event loop's thread off a core that long.  With ``direct``, the
+    whole blocks of large records that are not in the page cache are read
+    with ``O_DIRECT`` (see the module's docstring).
     """
     views = [
         memoryview(bytearray(stop)) if storage is None else storage_view(storage)[lo:stop]
         for storage, lo, stop in batch.parts
     ]
+    if direct is None or direct.fd is None:
+        _read_span(path, fd, batch.offset, views, None)
+        return
+    for offset, span, is_direct in direct.spans(batch, views):
+        _read_span(path, fd, offset, span, direct if is_direct else None)
+
+
+def _read_span(
+    path: str, fd: int, offset: int, views: list[memoryview], direct: DirectReads | None
+) -> None:
+    """Read ``views`` from ``offset`` on: through the page cache, or (with
+    ``direct``, one view of whole aligned blocks) what the page cache holds
+    of each window from there and the rest with ``O_DIRECT``."""
+    nbytes = sum(v.nbytes for v in views)
     done = 0
-    while done < batch.nbytes:
+    while done < nbytes:
+        window = _window(views, done, SYSCALL_BYTES)
         try:
-            got = os.preadv(fd, _window(views, done, SYSCALL_BYTES), batch.offset + done)
+            got = None if direct is None else direct.read(fd, window, offset + done)
+            if got is None:
+                got = os.preadv(fd, window, offset + done)
         except OSError as exc:
             raise CheckpointLoadError(
                 f"cannot read the checkpoint ({exc.strerror}, errno {exc.errno})", path=path

@@ -73,6 +73,7 @@ __all__ = [
     "DIRECT_MIN_BYTES",
     "Progress",
     "WaitReady",
+    "use_direct_io",
     "persist",
     "storage_view",
 ]
@@ -175,7 +176,15 @@ _crc_pool = BackgroundPool("aiostage-crc", workers=1)
 _CRC_BESIDE_WRITES = (os.cpu_count() or 1) > 2
 
 
-def _direct_io_default() -> bool:
+def use_direct_io(requested: bool | None) -> bool:
+    """Whether to use direct I/O: ``requested``, or when that is ``None`` the
+    environment's :data:`DIRECT_IO_ENV` (default on).
+
+    Raises:
+        ValueError: the variable is set to something other than 0 or 1.
+    """
+    if requested is not None:
+        return bool(requested)
     value = os.environ.get(DIRECT_IO_ENV, "1").strip()
     if value not in ("0", "1"):
         raise ValueError(f"{DIRECT_IO_ENV} must be 0 or 1, not {value!r}")
@@ -464,7 +473,7 @@ async def persist(
         complete, so ``path`` may hold the new checkpoint.
     """
     check_progress(progress)
-    direct = _direct_io_default() if direct_io is None else bool(direct_io)
+    direct = use_direct_io(direct_io)
     target = Path(os.fspath(path))
     step = "pickling the state"
     temp = _Temp()

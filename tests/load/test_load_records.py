@@ -71,9 +71,9 @@ async def test_small_batches_cut_and_coalesce(
     calls: list[int] = []
     real = _records.read_batch
 
-    def counting(path: str, fd: int, batch: _records.ReadBatch) -> None:
+    def counting(path: str, fd: int, batch: _records.ReadBatch, *direct: object) -> None:
         calls.append(len(batch.parts))
-        real(path, fd, batch)
+        real(path, fd, batch, *direct)  # type: ignore[arg-type]
 
     monkeypatch.setattr(_records, "read_batch", counting)
     # plan_reads takes its default batch size at definition time: re-plan with the small one.
@@ -197,13 +197,13 @@ async def test_cancel_stops_readers_between_batches(
     stats = {"in_flight": 0, "started": 0, "max_after_return": 0}
     real_read = _records.read_batch
 
-    def slow_read(path: str, fd: int, batch: _records.ReadBatch) -> None:
+    def slow_read(path: str, fd: int, batch: _records.ReadBatch, *direct: object) -> None:
         with lock:
             stats["in_flight"] += 1
             stats["started"] += 1
         loop.call_soon_threadsafe(started.set)
         release.wait(timeout=30)
-        real_read(path, fd, batch)
+        real_read(path, fd, batch, *direct)  # type: ignore[arg-type]
         with lock:
             stats["in_flight"] -= 1
 

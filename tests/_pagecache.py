@@ -1,0 +1,69 @@
+"""Test helpers: whether direct I/O works in a directory, and how much of a
+file the page cache holds."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+from pathlib import Path
+
+import pytest
+
+PAGE = mmap.PAGESIZE
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def direct_io_works(directory: Path) -> bool:
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return False
+    probe = directory / "probe"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | flag, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:
+            return False
+        raise
+    os.close(fd)
+    probe.unlink()
+    return True
+
+
+needs_direct = pytest.mark.skipif(
+    not direct_io_works(Path(os.environ.get("TMPDIR", "/tmp"))),
+    reason="the temp file system refuses O_DIRECT",
+)
+
+
+def resident_fraction(path: Path) -> float:
+    """The share of ``path``'s pages that are in the page cache (``mincore``)."""
+    size = path.stat().st_size
+    pages = (size + PAGE - 1) // PAGE
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY) as m:
+        view = (ctypes.c_char * size).from_buffer(m)
+        try:
+            vec = (ctypes.c_ubyte * pages)()
+            rc = _libc.mincore(ctypes.c_void_p(ctypes.addressof(view)), ctypes.c_size_t(size), vec)
+            assert rc == 0, os.strerror(ctypes.get_errno())
+            return sum(b & 1 for b in vec) / pages
+        finally:
+            del view
+
+
+def evict(path: Path) -> None:
+    """Drop ``path``'s clean pages from the page cache (after an fsync)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def read_through_cache(path: Path) -> None:
+    """Bring all of ``path`` into the page cache."""
+    with open(path, "rb") as f:
+        while f.read(16 * 1024 * 1024):
+            pass

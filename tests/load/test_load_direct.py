@@ -1,0 +1,182 @@
+"""Direct reads: a cold load reads large records past the page cache, a
+cached one from the cache, byte-exact either way, with fallbacks."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from _pagecache import evict, needs_direct, read_through_cache, resident_fraction
+
+import aiostage
+from aiostage import CorruptCheckpointError
+from aiostage._load import _reader, _records
+from aiostage._persist._writer import DIRECT_IO_ENV
+
+MiB = 1024 * 1024
+
+pytestmark = needs_direct
+
+
+def big_state() -> dict[str, torch.Tensor]:
+    """Large records of odd sizes (partial blocks at both ends), small ones between."""
+    gen = torch.Generator().manual_seed(3)
+    return {
+        "a": torch.randn(MiB + 7, generator=gen),
+        "small": torch.arange(100, dtype=torch.int64),
+        "b": torch.randint(0, 255, (3 * MiB + 4095,), dtype=torch.uint8, generator=gen),
+        "c": torch.randn(2 * MiB, generator=gen).to(torch.bfloat16),
+    }
+
+
+def blank_like(state: dict[str, torch.Tensor], skew: int = 0) -> dict[str, torch.Tensor]:
+    """Zeroed tensors like ``state``'s, each starting as far into a 4 KiB
+    page as the tensor of ``state`` (plus ``skew`` bytes): the writer placed
+    each record in the file as its memory lay in the page, so with no skew
+    direct reads apply.  (Where fresh storages land is up to the allocator,
+    so the tests do not rely on it.)"""
+    out = {}
+    for key, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        raw = torch.zeros(nbytes + 8192, dtype=torch.uint8)
+        skip = (tensor.data_ptr() + skew - raw.data_ptr()) % 4096
+        skip -= skip % tensor.element_size()
+        out[key] = raw[skip : skip + nbytes].view(tensor.dtype).view(tensor.shape)
+    return out
+
+
+def assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert list(got) == list(want)
+    for key, tensor in want.items():
+        assert got[key].dtype == tensor.dtype, key
+        assert torch.equal(got[key], tensor), key
+
+
+def cachestat_works(path: Path) -> bool:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return _records.page_cache_state(fd, 0, 0) is not None
+    finally:
+        os.close(fd)
+
+
+async def saved(tmp_path: Path) -> tuple[dict[str, torch.Tensor], Path]:
+    state = big_state()
+    path = await aiostage.persist(state, tmp_path / "ckpt.pt")
+    if not cachestat_works(path):
+        pytest.skip("no cachestat (Linux 6.5+): loads read through the page cache")
+    return state, path
+
+
+async def test_cold_load_reads_past_the_page_cache(tmp_path: Path) -> None:
+    state, path = await saved(tmp_path)
+    evict(path)
+    dest = blank_like(state)
+    got = await aiostage.load(path, into=dest)
+    assert_same(got, state)
+    assert all(got[k] is dest[k] for k in state)
+    assert resident_fraction(path) < 0.05
+    # The control: the same load without direct reads fills the page cache.
+    evict(path)
+    assert_same(await aiostage.load(path, into=blank_like(state), direct_io=False), state)
+    assert resident_fraction(path) > 0.95
+
+
+async def test_cold_plain_load(tmp_path: Path) -> None:
+    """A plain load reads into fresh storages: direct where the allocator
+    put them in line with the file, through the page cache elsewhere."""
+    state, path = await saved(tmp_path)
+    for direct_io in (True, False):
+        evict(path)
+        assert_same(await aiostage.load(path, direct_io=direct_io), state)
+
+
+async def test_cached_records_are_read_from_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file the page cache holds is read from it: no direct read at all."""
+    state, path = await saved(tmp_path)
+    read_through_cache(path)
+    direct_reads: list[int] = []
+    real_preadv = os.preadv
+
+    def spying(fd: int, buffers: list[memoryview], offset: int, *flags: int) -> int:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            direct_reads.append(offset)
+        return real_preadv(fd, buffers, offset, *flags)
+
+    monkeypatch.setattr(os, "preadv", spying)
+    assert_same(await aiostage.load(path, into=blank_like(state)), state)
+    assert direct_reads == []
+    # And the spy sees direct reads when the file is cold.
+    evict(path)
+    assert_same(await aiostage.load(path, into=blank_like(state)), state)
+    assert len(direct_reads) >= 3
+
+
+async def test_misaligned_destination_reads_through_the_cache(tmp_path: Path) -> None:
+    """Destination memory that does not line up with the file (here 4 bytes
+    off) is read through the page cache, byte-exact."""
+    state, path = await saved(tmp_path)
+    evict(path)
+    got = await aiostage.load(path, into=blank_like(state, skew=4))
+    assert_same(got, state)
+    assert resident_fraction(path) > 0.95
+
+
+async def test_refused_direct_read_falls_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A direct read the kernel refuses (EINVAL: an offset and address aligned
+    to 64 bytes only) makes the rest of the load go through the page cache."""
+    state, path = await saved(tmp_path)
+    evict(path)
+    monkeypatch.setattr(_records, "DIRECT_ALIGN", 64)
+    refused: list[bool] = []
+    real_refuse = _records.DirectReads.refuse
+
+    def spying(self: _records.DirectReads) -> None:
+        refused.append(True)
+        real_refuse(self)
+
+    monkeypatch.setattr(_records.DirectReads, "refuse", spying)
+    assert_same(await aiostage.load(path, into=blank_like(state)), state)
+    assert refused  # the kernel did refuse one
+
+
+async def test_switches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    state, path = await saved(tmp_path)
+    monkeypatch.setenv(DIRECT_IO_ENV, "0")
+    evict(path)
+    assert_same(await aiostage.load(path, into=blank_like(state)), state)
+    assert resident_fraction(path) > 0.95
+    evict(path)
+    got = await aiostage.load(path, into=blank_like(state), direct_io=True)  # the argument wins
+    assert_same(got, state)
+    assert resident_fraction(path) < 0.05
+    monkeypatch.setenv(DIRECT_IO_ENV, "yes")
+    with pytest.raises(ValueError, match=f"{DIRECT_IO_ENV} must be 0 or 1, not 'yes'"):
+        await aiostage.load(path)
+
+
+async def test_truncated_file_is_corrupt_with_direct_reads(tmp_path: Path) -> None:
+    _, path = await saved(tmp_path)
+    entries = _reader._open_archive(str(path))
+    _, batches = _records.plan_reads(entries, _records.archive_prefix(entries))
+    batch = max(batches, key=lambda b: b.nbytes)
+    os.truncate(path, batch.offset + batch.nbytes // 2 + 100)
+    evict(path)
+    fd = os.open(path, os.O_RDONLY)
+    direct = _records.DirectReads()
+    try:
+        direct.open(str(path), fd)
+        assert direct.fd is not None
+        with pytest.raises(CorruptCheckpointError, match="truncated") as info:
+            _records.read_batch(str(path), fd, batch, direct)
+    finally:
+        direct.close()
+        os.close(fd)
+    assert str(path) in str(info.value)
