@@ -89,6 +89,13 @@ the loop's p99 lag from about 1-3 ms to 3-9 ms (while reading twice as
 fast from the page cache)."""
 
 
+COLD_READ_THREADS = 2
+"""Reader threads, at least, for a load whose file is mostly not in the page
+cache (and read with ``O_DIRECT``): such a reader waits on the device
+without using a core, so two keep the device busy while one of them copies
+out of its bounce buffer, and cost the event loop little."""
+
+
 @dataclass(frozen=True)
 class _Entry:
     """Where one record's bytes lie in the file."""
@@ -447,10 +454,10 @@ async def _read_state(
     check = _records.sized(path, sizes)
     allow = functools.partial(_allowing, safe_globals)
     fd = await _open_read_only(path)
+    direct = _records.DirectReads()
 
     async def read(batches: list[_records.ReadBatch]) -> None:
         queue = iter(batches)
-        direct = _records.DirectReads()
 
         async def reader() -> None:
             # One batch per worker-thread step: a cancellation stops the
@@ -458,14 +465,14 @@ async def _read_state(
             for batch in queue:
                 await run_sync(_records.read_batch, path, fd, batch, direct)
 
-        try:
-            if direct_io:
-                await run_sync(direct.open, path, fd)
-            await run_all([reader] * min(READ_THREADS, max(1, len(batches))))
-        finally:
-            direct.close()
+        threads = READ_THREADS
+        if direct.fd is not None and direct.cold:
+            threads = max(threads, COLD_READ_THREADS)
+        await run_all([reader] * min(threads, max(1, len(batches))))
 
     try:
+        if direct_io and not mmap:
+            await run_sync(direct.open, path, fd)
         await run_sync(_records.check_byteorder, path, fd, by_name, prefix)
         pickled = await run_sync(_records.read_record, path, fd, by_name[prefix + "data.pkl"])
         if mmap:
@@ -480,7 +487,12 @@ async def _read_state(
 
             return await run_sync(_records.unpickle, path, pickled, slice_for, allow)
         if into is None:
-            storages, batches = await run_sync(_records.plan_reads, entries, prefix)
+            # Fresh storages placed for direct reads if the file is cold
+            # (and malloc'd memory otherwise: often reused, no page faults).
+            place_for_direct = direct.fd is not None and direct.cold
+            storages, batches = await run_sync(
+                functools.partial(_records.plan_reads, placed=place_for_direct), entries, prefix
+            )
             await read(batches)
 
             def storage_for(key: str, nbytes: int) -> torch.UntypedStorage:
@@ -507,6 +519,7 @@ async def _read_state(
         await run_sync(_into.copy_rest, placement.copies, scratch)
         return placement.result
     finally:
+        direct.close()
         os.close(fd)
 
 

@@ -15,18 +15,21 @@ It applies to CPU loads of little-endian archives (what aiostage and
 :func:`check_byteorder` or :func:`archive_prefix` raise :class:`Unsupported`
 and ``aiostage.load`` goes through ``torch.load``.
 
-Direct reads: a large record whose destination memory and file offset agree
-modulo :data:`~aiostage._persist._archive.DIRECT_ALIGN` (aiostage's writer
-places records so, and torch's CPU allocator puts large storages at the
-same offset into a page each time) has its whole blocks read with
-``O_DIRECT`` (:class:`DirectReads`) when they are not in the page cache:
-before each ``SYSCALL_BYTES`` window, ``cachestat`` (Linux 6.5+) tells how
-much of it the page cache holds.  (A ``preadv`` with ``RWF_NOWAIT`` would
-tell too, but its miss starts the readahead it declines to wait for: the
-file was then read twice, through both paths.)  A cold buffered read on
-the 2-core VM went at 0.6-2.0 GB/s with 0.2-1.5 s of CPU per GiB
-(page-cache allocation, then the copy), an ``O_DIRECT`` read of the same
-file at the device's 1.4-2.3 GB/s with 0.03 s.
+Direct reads: the records of :data:`DIRECT_MIN_BYTES` or more that are not in
+the page cache are read with ``O_DIRECT`` (:class:`DirectReads`): before
+each window of at most ``SYSCALL_BYTES``, ``cachestat`` (Linux 6.5+) tells
+how much of it the page cache holds, and a window it mostly holds is read
+from the cache.  (A ``preadv`` with ``RWF_NOWAIT`` would tell too, but its
+miss starts the readahead it declines to wait for: the file was then read
+twice, through both paths.)  Where a record's destination memory and its
+file offset agree modulo :data:`~aiostage._persist._archive.DIRECT_ALIGN`,
+its whole blocks are read straight into that memory; a plain load makes
+its large storages so (:func:`aiostage._memory.mapped_storage` at the
+record's offset into a page).  Elsewhere (``into``'s tensors lie where
+they lie) the blocks go through a bounce buffer and are copied out.  A
+cold buffered read on the 2-core VM went at 0.6-2.0 GB/s with 0.2-1.5 s of
+CPU per GiB (page-cache allocation, reclaim, the copy), an ``O_DIRECT``
+read of the same file at the device's 1.4-2.3 GB/s with 0.03 s.
 """
 
 from __future__ import annotations
@@ -37,13 +40,15 @@ import errno
 import io
 import os
 import sys
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
 from aiostage._exceptions import CheckpointLoadError, CorruptCheckpointError
+from aiostage._memory import MMAP_MIN_BYTES, mapped_storage
 from aiostage._persist._archive import DIRECT_ALIGN
 from aiostage._persist._writer import DIRECT_MIN_BYTES, storage_view
 from aiostage._threads import GilTurns
@@ -72,6 +77,11 @@ SYSCALL_BYTES = 16 * 1024 * 1024
 issue large reads on a cold cache (1 GiB cold into touched memory here:
 1 MiB calls 0.83 s, 16 MiB 0.61 s, 64 MiB 0.57 s, medians of 5); capped so
 that one call does not keep its thread in the kernel for long."""
+
+BOUNCE_BYTES = 8 * 1024 * 1024
+"""The bounce buffer of a reader thread: a record whose memory does not line
+up with the file is read with ``O_DIRECT`` into it, this much at a time,
+and copied out."""
 
 _MAX_GAP = 4096
 """Records at most this far apart are read by one call (the gap is a local
@@ -132,12 +142,18 @@ def plan_reads(
     prefix: str,
     batch_bytes: int = READ_BATCH_BYTES,
     targets: Mapping[str, tuple[torch.UntypedStorage, int]] | None = None,
+    placed: bool = False,
 ) -> tuple[dict[str, torch.UntypedStorage], list[ReadBatch]]:
     """Plan the calls that read every ``{prefix}data/<key>`` record, in file order.
 
     A record named in ``targets`` (key -> ``(storage, byte offset)``) is read
     into that memory; every other record gets a fresh storage (allocated,
-    not touched: the reading threads fault its pages in).
+    not touched: the reading threads fault its pages in); with ``placed``, a
+    large one on a mapping of its own that starts as far into a page as the
+    record does in the file, for direct reads.  (Not always: a storage from
+    malloc often reuses memory already faulted in, where a fresh mapping
+    costs its page faults, which made a buffered read of 1 GiB into fresh
+    mappings take 3.5-5 s on the VM, against 0.7-0.9 s into reused heap.)
 
     Returns:
         The fresh storages by key, and the batches.
@@ -158,7 +174,14 @@ def plan_reads(
         if targets is not None and key in targets:
             storage, base = targets[key]
         else:
-            storage, base = torch.UntypedStorage(e.size), 0
+            # Large ones start as far into a page as the record does in the
+            # file, so that direct reads apply (see DirectReads).
+            storage = (
+                mapped_storage(e.size, e.data_offset % DIRECT_ALIGN)
+                if placed and e.size >= MMAP_MIN_BYTES
+                else torch.UntypedStorage(e.size)
+            )
+            base = 0
             storages[key] = storage
         if e.size == 0:
             continue
@@ -232,15 +255,22 @@ class DirectReads:
     def __init__(self) -> None:
         self.fd: int | None = None
         self._closed_fd: int | None = None
+        self._bounces: dict[int, torch.UntypedStorage] = {}
+        self._lock = threading.Lock()
+        self.cold = False
+        """Whether, when opened, the page cache held less than half the file."""
 
     def open(self, path: str, fd: int) -> None:
         """Open ``path`` (open as ``fd``) again with ``O_DIRECT`` where the
         platform, the kernel and the file system have it (blocking; for a
         worker thread).  The caller closes."""
         flag = getattr(os, "O_DIRECT", 0)
-        if flag and page_cache_state(fd, 0, DIRECT_ALIGN) is not None:
+        whole = page_cache_state(fd, 0, 0)
+        if flag and whole is not None:
             with contextlib.suppress(OSError):  # EINVAL: not supported here
                 self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | flag)
+            size = os.fstat(fd).st_size
+            self.cold = 2 * whole[0] * DIRECT_ALIGN < size
 
     def refuse(self) -> None:
         """Read the rest through the page cache (the descriptor stays open
@@ -253,6 +283,7 @@ class DirectReads:
             if fd is not None:
                 os.close(fd)
         self.fd = self._closed_fd = None
+        self._bounces.clear()
 
     def read(self, fd: int, window: list[memoryview], offset: int) -> int | None:
         """Read ``window`` (one view of whole blocks) from ``offset`` with
@@ -273,39 +304,88 @@ class DirectReads:
             self.refuse()  # an alignment this file system does not take
             return None
 
-    def spans(
-        self, batch: ReadBatch, views: Sequence[memoryview]
-    ) -> list[tuple[int, list[memoryview], bool]]:
-        """``batch`` as file-ordered spans ``(offset, views, direct)``: the
-        whole aligned blocks of each large part whose memory lines up with
-        the file are a direct span of their own, the rest buffered spans."""
-        spans: list[tuple[int, list[memoryview], bool]] = []
+    def read_bounced(self, fd: int, address: int, nbytes: int, offset: int) -> int | None:
+        """Read up to ``nbytes`` file bytes from ``offset`` into memory at
+        ``address`` (any alignment) with ``O_DIRECT`` into this thread's
+        bounce buffer, then a copy (the GIL released); return how many
+        landed (0 at the end of the file).  ``None``: read them through
+        ``fd`` (the page cache) instead, as for :meth:`read`."""
+        dfd = self.fd
+        if dfd is None:
+            return None
+        start = offset // DIRECT_ALIGN * DIRECT_ALIGN
+        end = -(-(offset + nbytes) // DIRECT_ALIGN) * DIRECT_ALIGN
+        length = min(BOUNCE_BYTES, end - start)
+        state = page_cache_state(fd, start, length)
+        if state is None or state[1] or 2 * state[0] * DIRECT_ALIGN >= length:
+            return None
+        bounce = self._bounce()
+        try:
+            got = os.preadv(dfd, [storage_view(bounce)[:length]], start)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            self.refuse()
+            return None
+        useful = min(got - (offset - start), nbytes)
+        if useful <= 0:
+            return 0
+        ctypes.memmove(address, bounce.data_ptr() + (offset - start), useful)
+        return useful
+
+    def _bounce(self) -> torch.UntypedStorage:
+        """This thread's bounce buffer (page-aligned, made on first use)."""
+        key = threading.get_ident()
+        with self._lock:
+            buffer = self._bounces.get(key)
+            if buffer is None:
+                buffer = self._bounces[key] = mapped_storage(BOUNCE_BYTES)
+        return buffer
+
+    def spans(self, batch: ReadBatch, views: Sequence[memoryview]) -> list[Span]:
+        """``batch`` as file-ordered spans: each large part is one of its
+        own, ``direct`` for its whole blocks where its memory lines up with
+        the file (its partial blocks go with the buffered spans around it),
+        ``bounced`` whole where it does not; the rest are buffered spans."""
+        spans: list[Span] = []
         pending: list[memoryview] = []
         start = at = batch.offset
+
+        def flush(upto: int) -> None:
+            nonlocal pending, start
+            if pending:
+                spans.append(Span(start, pending, "buffered"))
+            pending, start = [], upto
+
         for (storage, lo, _), view in zip(batch.parts, views, strict=True):
             lo_pad = -at % DIRECT_ALIGN
             hi = (at + view.nbytes) // DIRECT_ALIGN * DIRECT_ALIGN - at
-            if (
-                self.fd is not None
-                and storage is not None
-                and view.nbytes >= DIRECT_MIN_BYTES
-                and (storage.data_ptr() + lo - at) % DIRECT_ALIGN == 0
-                and hi > lo_pad
-            ):
+            if self.fd is None or storage is None or view.nbytes < DIRECT_MIN_BYTES:
+                pending.append(view)
+            elif (storage.data_ptr() + lo - at) % DIRECT_ALIGN == 0 and hi > lo_pad:
                 if lo_pad:
                     pending.append(view[:lo_pad])
-                if pending:
-                    spans.append((start, pending, False))
-                spans.append((at + lo_pad, [view[lo_pad:hi]], True))
-                pending, start = [], at + hi
+                flush(at + hi)
+                spans.append(Span(at + lo_pad, [view[lo_pad:hi]], "direct"))
                 if hi < view.nbytes:
                     pending.append(view[hi:])
             else:
-                pending.append(view)
+                flush(at + view.nbytes)
+                spans.append(Span(at, [view], "bounced", storage.data_ptr() + lo))
             at += view.nbytes
-        if pending:
-            spans.append((start, pending, False))
+        flush(at)
         return spans
+
+
+class Span(NamedTuple):
+    """Part of a batch, read one way: ``buffered`` (the page cache),
+    ``direct`` (one view of whole aligned blocks) or ``bounced`` (one view
+    whose memory, at ``address``, does not line up with the file)."""
+
+    offset: int
+    views: list[memoryview]
+    kind: str
+    address: int = 0
 
 
 def read_batch(path: str, fd: int, batch: ReadBatch, direct: DirectReads | None = None) -> None:
@@ -314,35 +394,39 @@ def read_batch(path: str, fd: int, batch: ReadBatch, direct: DirectReads | None 
     Each ``preadv`` call reads at most ``SYSCALL_BYTES``: a read into fresh
     memory runs in the kernel for its whole length (page faults included),
     and a kernel that only preempts at system-call boundaries would keep
-    the event loop's thread off a core that long.  With ``direct``, the
-    whole blocks of large records that are not in the page cache are read
-    with ``O_DIRECT`` (see the module's docstring).
+    the event loop's thread off a core that long.  With ``direct``, large
+    records that are not in the page cache are read with ``O_DIRECT`` (see
+    the module's docstring).
     """
     views = [
         memoryview(bytearray(stop)) if storage is None else storage_view(storage)[lo:stop]
         for storage, lo, stop in batch.parts
     ]
     if direct is None or direct.fd is None:
-        _read_span(path, fd, batch.offset, views, None)
+        _read_span(path, fd, Span(batch.offset, views, "buffered"), None)
         return
-    for offset, span, is_direct in direct.spans(batch, views):
-        _read_span(path, fd, offset, span, direct if is_direct else None)
+    for span in direct.spans(batch, views):
+        _read_span(path, fd, span, direct)
 
 
-def _read_span(
-    path: str, fd: int, offset: int, views: list[memoryview], direct: DirectReads | None
-) -> None:
-    """Read ``views`` from ``offset`` on: through the page cache, or (with
-    ``direct``, one view of whole aligned blocks) what the page cache holds
-    of each window from there and the rest with ``O_DIRECT``."""
+def _read_span(path: str, fd: int, span: Span, direct: DirectReads | None) -> None:
+    """Read ``span`` in windows of at most ``SYSCALL_BYTES``: each window of a
+    direct or bounced span with ``O_DIRECT`` unless the page cache holds it
+    (see :class:`DirectReads`), the rest through the page cache."""
+    views = span.views
     nbytes = sum(v.nbytes for v in views)
     done = 0
     while done < nbytes:
+        at = span.offset + done
         window = _window(views, done, SYSCALL_BYTES)
         try:
-            got = None if direct is None else direct.read(fd, window, offset + done)
+            got = None
+            if direct is not None and span.kind == "direct":
+                got = direct.read(fd, window, at)
+            elif direct is not None and span.kind == "bounced":
+                got = direct.read_bounced(fd, span.address + done, nbytes - done, at)
             if got is None:
-                got = os.preadv(fd, window, offset + done)
+                got = os.preadv(fd, window, at)
         except OSError as exc:
             raise CheckpointLoadError(
                 f"cannot read the checkpoint ({exc.strerror}, errno {exc.errno})", path=path

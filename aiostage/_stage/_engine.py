@@ -13,7 +13,6 @@ threads.  The async stagers use the two halves separately: :meth:`plan`
 
 from __future__ import annotations
 
-import mmap
 import operator
 import threading
 import time
@@ -28,6 +27,7 @@ from typing import Any, NamedTuple, TypeVar, cast
 import torch
 
 from aiostage._exceptions import StagingError
+from aiostage._memory import MMAP_MIN_BYTES, mapped_storage
 from aiostage._stage._options import accelerator_available
 from aiostage._stage._plan import CopyRequest, StagePlan, byte_view
 from aiostage._stage._traverse import (
@@ -80,21 +80,13 @@ def pin_storage(storage: torch.UntypedStorage) -> None:
         _cuda_host_register(storage)  # pragma: no cover - needs CUDA
 
 
-#: Staging storages at least this large get an anonymous mapping of their own.
-MMAP_MIN_BYTES = 128 * 1024
-
-
 def _allocate(nbytes: int, *, shared: bool, pinned_alloc: bool) -> torch.UntypedStorage:
     if shared:
         return cast(torch.UntypedStorage, torch.UntypedStorage._new_shared(nbytes))
     if pinned_alloc:  # pragma: no cover - needs a non-CUDA accelerator
         return torch.empty((nbytes,), dtype=torch.uint8, pin_memory=True).untyped_storage()
-    if nbytes >= MMAP_MIN_BYTES:
-        # A mapping of its own goes back to the OS when the storage dies.
-        # From malloc, a freed large block can stay in glibc's heap (its mmap
-        # threshold rises after large frees), and host RSS creeps up save
-        # after save in runs that replace tensors.
-        return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8).untyped_storage()
+    if nbytes >= MMAP_MIN_BYTES:  # see aiostage._memory
+        return mapped_storage(nbytes)
     return torch.UntypedStorage(nbytes)
 
 

@@ -14,7 +14,7 @@ from _pagecache import evict, needs_direct, read_through_cache, resident_fractio
 import aiostage
 from aiostage import CorruptCheckpointError
 from aiostage._load import _reader, _records
-from aiostage._persist._writer import DIRECT_IO_ENV
+from aiostage._persist._writer import DIRECT_IO_ENV, storage_view
 
 MiB = 1024 * 1024
 
@@ -85,13 +85,18 @@ async def test_cold_load_reads_past_the_page_cache(tmp_path: Path) -> None:
     assert resident_fraction(path) > 0.95
 
 
-async def test_cold_plain_load(tmp_path: Path) -> None:
-    """A plain load reads into fresh storages: direct where the allocator
-    put them in line with the file, through the page cache elsewhere."""
+async def test_cold_plain_load_reads_past_the_page_cache(tmp_path: Path) -> None:
+    """A plain load puts each large storage as far into a page as its record
+    lies in the file, so its blocks are read straight into it."""
     state, path = await saved(tmp_path)
-    for direct_io in (True, False):
-        evict(path)
-        assert_same(await aiostage.load(path, direct_io=direct_io), state)
+    evict(path)
+    got = await aiostage.load(path)
+    assert_same(got, state)
+    assert resident_fraction(path) < 0.05
+    entries = _reader._open_archive(str(path))
+    records = _records.storage_records(entries, _records.archive_prefix(entries))
+    offsets = sorted(r.data_offset % 4096 for r in records.values() if r.size >= MiB)
+    assert sorted(got[k].data_ptr() % 4096 for k in ("a", "b", "c")) == offsets
 
 
 async def test_cached_records_are_read_from_the_cache(
@@ -117,14 +122,27 @@ async def test_cached_records_are_read_from_the_cache(
     assert len(direct_reads) >= 3
 
 
-async def test_misaligned_destination_reads_through_the_cache(tmp_path: Path) -> None:
-    """Destination memory that does not line up with the file (here 4 bytes
-    off) is read through the page cache, byte-exact."""
+@pytest.mark.parametrize("skew", [4, 2048])
+async def test_misaligned_destination_is_read_through_a_bounce_buffer(
+    tmp_path: Path, skew: int
+) -> None:
+    """Destination memory that does not line up with the file is read with
+    O_DIRECT into a bounce buffer and copied out, byte-exact."""
     state, path = await saved(tmp_path)
     evict(path)
-    got = await aiostage.load(path, into=blank_like(state, skew=4))
-    assert_same(got, state)
-    assert resident_fraction(path) > 0.95
+    dest = blank_like(state, skew=skew)
+    assert_same(await aiostage.load(path, into=dest), state)
+    assert resident_fraction(path) < 0.05
+
+
+async def test_bounce_buffer_is_smaller_than_a_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A record larger than the bounce buffer goes through it in turns."""
+    monkeypatch.setattr(_records, "BOUNCE_BYTES", 64 * 1024)
+    state, path = await saved(tmp_path)
+    evict(path)
+    assert_same(await aiostage.load(path, into=blank_like(state, skew=4)), state)
 
 
 async def test_refused_direct_read_falls_back(
@@ -162,10 +180,20 @@ async def test_switches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
         await aiostage.load(path)
 
 
-async def test_truncated_file_is_corrupt_with_direct_reads(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["direct", "bounced"])
+async def test_truncated_file_is_corrupt_with_direct_reads(tmp_path: Path, kind: str) -> None:
     _, path = await saved(tmp_path)
     entries = _reader._open_archive(str(path))
-    _, batches = _records.plan_reads(entries, _records.archive_prefix(entries))
+    prefix = _records.archive_prefix(entries)
+    targets = None
+    if kind == "bounced":  # destinations 4 bytes off the file's alignment
+        records = _records.storage_records(entries, prefix)
+        targets = {}
+        for key, rec in records.items():
+            storage = torch.UntypedStorage(rec.size + 8192)
+            skip = (rec.data_offset + 4 - storage.data_ptr()) % 4096
+            targets[key] = (storage, skip)
+    _, batches = _records.plan_reads(entries, prefix, targets=targets, placed=True)
     batch = max(batches, key=lambda b: b.nbytes)
     os.truncate(path, batch.offset + batch.nbytes // 2 + 100)
     evict(path)
@@ -174,9 +202,17 @@ async def test_truncated_file_is_corrupt_with_direct_reads(tmp_path: Path) -> No
     try:
         direct.open(str(path), fd)
         assert direct.fd is not None
+        assert kind in {span.kind for span in direct.spans(batch, views_of(batch))}
         with pytest.raises(CorruptCheckpointError, match="truncated") as info:
             _records.read_batch(str(path), fd, batch, direct)
     finally:
         direct.close()
         os.close(fd)
     assert str(path) in str(info.value)
+
+
+def views_of(batch: _records.ReadBatch) -> list[memoryview]:
+    return [
+        memoryview(bytearray(stop)) if storage is None else storage_view(storage)[lo:stop]
+        for storage, lo, stop in batch.parts
+    ]
