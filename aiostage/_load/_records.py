@@ -78,6 +78,13 @@ issue large reads on a cold cache (1 GiB cold into touched memory here:
 1 MiB calls 0.83 s, 16 MiB 0.61 s, 64 MiB 0.57 s, medians of 5); capped so
 that one call does not keep its thread in the kernel for long."""
 
+DIRECT_SYSCALL_BYTES = 2 * 1024 * 1024
+"""Most bytes one ``O_DIRECT`` read puts straight into a storage.  Such a
+read faults in all the pages of its window at once; into fresh memory
+(a plain load in a new process), 16 MiB windows raised the event loop's
+p99 lag to 2.4-3.1 ms, 1 MiB ones kept it at 1.0-1.2 ms, at the same
+speed (the device gets requests of at most 4 MiB anyway)."""
+
 BOUNCE_BYTES = 8 * 1024 * 1024
 """The bounce buffer of a reader thread: a record whose memory does not line
 up with the file is read with ``O_DIRECT`` into it, this much at a time,
@@ -150,10 +157,10 @@ def plan_reads(
     into that memory; every other record gets a fresh storage (allocated,
     not touched: the reading threads fault its pages in); with ``placed``, a
     large one on a mapping of its own that starts as far into a page as the
-    record does in the file, for direct reads.  (Not always: a storage from
-    malloc often reuses memory already faulted in, where a fresh mapping
-    costs its page faults, which made a buffered read of 1 GiB into fresh
-    mappings take 3.5-5 s on the VM, against 0.7-0.9 s into reused heap.)
+    record does in the file, for direct reads.  (Only then: a storage from
+    malloc may reuse memory that is already faulted in, as in a process
+    that loads again and again, where a fresh mapping always pays its page
+    faults.)
 
     Returns:
         The fresh storages by key, and the batches.
@@ -416,9 +423,10 @@ def _read_span(path: str, fd: int, span: Span, direct: DirectReads | None) -> No
     views = span.views
     nbytes = sum(v.nbytes for v in views)
     done = 0
+    limit = DIRECT_SYSCALL_BYTES if span.kind == "direct" else SYSCALL_BYTES
     while done < nbytes:
         at = span.offset + done
-        window = _window(views, done, SYSCALL_BYTES)
+        window = _window(views, done, limit)
         try:
             got = None
             if direct is not None and span.kind == "direct":
