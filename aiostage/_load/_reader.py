@@ -90,10 +90,12 @@ fast from the page cache)."""
 
 
 COLD_READ_THREADS = 2
-"""Reader threads, at least, for a load whose file is mostly not in the page
-cache (and read with ``O_DIRECT``): such a reader waits on the device
-without using a core, so two keep the device busy while one of them copies
-out of its bounce buffer, and cost the event loop little."""
+"""Reader threads, at least, for a load ``into`` existing tensors from a file
+that is mostly not in the page cache (read with ``O_DIRECT``): such a
+reader waits on the device without using a core, so two keep the device
+busy while one of them copies out of its bounce buffer, and cost the event
+loop little.  A plain load keeps ``READ_THREADS``: its direct reads fault
+in fresh memory, which does take a core."""
 
 
 @dataclass(frozen=True)
@@ -466,7 +468,7 @@ async def _read_state(
                 await run_sync(_records.read_batch, path, fd, batch, direct)
 
         threads = READ_THREADS
-        if direct.fd is not None and direct.cold:
+        if into is not None and direct.fd is not None and direct.cold:
             threads = max(threads, COLD_READ_THREADS)
         await run_all([reader] * min(threads, max(1, len(batches))))
 
