@@ -3,8 +3,10 @@ cached one from the cache, byte-exact either way, with fallbacks."""
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -216,3 +218,42 @@ def views_of(batch: _records.ReadBatch) -> list[memoryview]:
         memoryview(bytearray(stop)) if storage is None else storage_view(storage)[lo:stop]
         for storage, lo, stop in batch.parts
     ]
+
+
+async def test_cancelled_cold_load_closes_its_descriptors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelled while its two readers are in direct reads, a load waits for
+    them and closes both descriptors of the file."""
+    state, path = await saved(tmp_path)
+    evict(path)
+    monkeypatch.setattr(_records, "READ_BATCH_BYTES", 1024 * 1024)
+    real_plan = _records.plan_reads
+    monkeypatch.setattr(
+        _records,
+        "plan_reads",
+        lambda entries, prefix, **kw: real_plan(entries, prefix, 1024 * 1024, **kw),
+    )
+    loop = asyncio.get_running_loop()
+    started = asyncio.Event()
+    release = threading.Event()
+    in_flight = [0]
+    real_read = _records.read_batch
+
+    def gated(path: str, fd: int, batch: _records.ReadBatch, *direct: object) -> None:
+        in_flight[0] += 1
+        loop.call_soon_threadsafe(started.set)
+        release.wait(timeout=30)
+        real_read(path, fd, batch, *direct)  # type: ignore[arg-type]
+        in_flight[0] -= 1
+
+    monkeypatch.setattr(_records, "read_batch", gated)
+    before = set(os.listdir("/proc/self/fd"))
+    task = asyncio.create_task(aiostage.load(path, into=blank_like(state, skew=4)))
+    await started.wait()
+    task.cancel()
+    loop.call_soon(release.set)
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert in_flight[0] == 0
+    assert set(os.listdir("/proc/self/fd")) <= before
