@@ -242,9 +242,17 @@ def page_cache_state(fd: int, offset: int, length: int) -> tuple[int, int] | Non
         return None
     if _libc is None:
         _libc = ctypes.CDLL(None, use_errno=True)
+        _libc.syscall.restype = ctypes.c_long
     span = _CachestatRange(offset, length)
     stat = _Cachestat()
-    if _libc.syscall(_SYS_CACHESTAT, fd, ctypes.byref(span), ctypes.byref(stat), 0) != 0:
+    rc = _libc.syscall(
+        ctypes.c_long(_SYS_CACHESTAT),
+        ctypes.c_uint(fd),
+        ctypes.byref(span),
+        ctypes.byref(stat),
+        ctypes.c_uint(0),
+    )
+    if rc != 0:
         return None  # ENOSYS: an older kernel
     return int(stat.nr_cache), int(stat.nr_dirty)
 

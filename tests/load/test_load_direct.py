@@ -16,6 +16,7 @@ from _pagecache import evict, needs_direct, read_through_cache, resident_fractio
 import aiostage
 from aiostage import CorruptCheckpointError
 from aiostage._load import _reader, _records
+from aiostage._memory import mapped_storage
 from aiostage._persist._writer import DIRECT_IO_ENV, storage_view
 
 MiB = 1024 * 1024
@@ -257,3 +258,44 @@ async def test_cancelled_cold_load_closes_its_descriptors(
         await task
     assert in_flight[0] == 0
     assert set(os.listdir("/proc/self/fd")) <= before
+
+
+def test_page_cache_state_counts_cached_and_dirty_pages(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if _records.page_cache_state(fd, 0, 0) is None:
+            pytest.skip("no cachestat (Linux 6.5+)")
+        os.write(fd, b"x" * (64 * 4096))
+        cached, dirty = _records.page_cache_state(fd, 0, 64 * 4096) or (0, 0)
+        assert (cached, dirty) == (64, 64)
+        os.fsync(fd)
+        assert _records.page_cache_state(fd, 0, 64 * 4096) == (64, 0)
+        assert _records.page_cache_state(fd, 16 * 4096, 8 * 4096) == (8, 0)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        assert _records.page_cache_state(fd, 0, 64 * 4096) == (0, 0)
+    finally:
+        os.close(fd)
+
+
+async def test_dirty_pages_are_read_through_the_cache(tmp_path: Path) -> None:
+    """A window with dirty pages (written, not yet flushed) is read through
+    the page cache, which holds the newest bytes, with no direct read."""
+    _, path = await saved(tmp_path)
+    evict(path)
+    entries = _reader._open_archive(str(path))
+    records = _records.storage_records(entries, _records.archive_prefix(entries))
+    rec = max(records.values(), key=lambda r: r.size)
+    start = -(-rec.data_offset // 4096) * 4096
+    fd = os.open(path, os.O_RDWR)
+    direct = _records.DirectReads()
+    try:
+        os.pwrite(fd, b"\x00" * 4096, start)  # dirty, not flushed
+        direct.open(str(path), fd)
+        buffer = mapped_storage(1024 * 1024)  # page-aligned
+        window = [storage_view(buffer)]
+        assert direct.read(fd, window, start) is None
+        assert direct.read(fd, window, start + 1024 * 1024) == 1024 * 1024  # clean, cold
+    finally:
+        direct.close()
+        os.close(fd)
