@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from _pagecache import evict, needs_direct, read_through_cache, resident_fraction
+from _reads import small_read_batches
 
 import aiostage
 from aiostage import CorruptCheckpointError
@@ -228,13 +229,7 @@ async def test_cancelled_cold_load_closes_its_descriptors(
     them and closes both descriptors of the file."""
     state, path = await saved(tmp_path)
     evict(path)
-    monkeypatch.setattr(_records, "READ_BATCH_BYTES", 1024 * 1024)
-    real_plan = _records.plan_reads
-    monkeypatch.setattr(
-        _records,
-        "plan_reads",
-        lambda entries, prefix, **kw: real_plan(entries, prefix, 1024 * 1024, **kw),
-    )
+    small_read_batches(monkeypatch, 1024 * 1024)
     loop = asyncio.get_running_loop()
     started = asyncio.Event()
     release = threading.Event()

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 from _compare import assert_same, write
+from _reads import small_read_batches
 
 import aiostage
 from aiostage import CheckpointLoadError, CorruptCheckpointError
@@ -67,7 +68,6 @@ async def test_small_batches_cut_and_coalesce(
     one preadv call; the bytes still land where they belong."""
     state = {"big": torch.randn(100_000), "small": [torch.randn(7) for _ in range(50)]}
     path = await aiostage.persist(state, tmp_path / "ckpt.pt")
-    monkeypatch.setattr(_records, "READ_BATCH_BYTES", 64 * 1024)
     calls: list[int] = []
     real = _records.read_batch
 
@@ -76,13 +76,7 @@ async def test_small_batches_cut_and_coalesce(
         real(path, fd, batch, *direct)  # type: ignore[arg-type]
 
     monkeypatch.setattr(_records, "read_batch", counting)
-    # plan_reads takes its default batch size at definition time: re-plan with the small one.
-    real_plan = _records.plan_reads
-    monkeypatch.setattr(
-        _records,
-        "plan_reads",
-        lambda entries, prefix, **kw: real_plan(entries, prefix, 64 * 1024, **kw),
-    )
+    small_read_batches(monkeypatch, 64 * 1024)
     got = await aiostage.load(path)
     assert_same(got, state)
     assert len(calls) < 51 + 400_000 // (64 * 1024) + 1  # the 50 small ones were coalesced
@@ -188,12 +182,7 @@ async def test_cancel_stops_readers_between_batches(
     """Cancelled while reading: no reader thread is left running (each
     in-flight batch is waited for) and no further batch starts."""
     path = await aiostage.persist({"w": torch.randn(1_000_000)}, tmp_path / "ckpt.pt")
-    real_plan = _records.plan_reads
-    monkeypatch.setattr(
-        _records,
-        "plan_reads",
-        lambda entries, prefix, **kw: real_plan(entries, prefix, 64 * 1024, **kw),
-    )
+    small_read_batches(monkeypatch, 64 * 1024)
     loop = asyncio.get_running_loop()
     started = asyncio.Event()
     release = threading.Event()
