@@ -1,12 +1,11 @@
 """Memory for large buffers, and giving the C allocator's free memory back.
 
-:func:`mapped_storage`: staging buffers and loaded storages of
-:data:`MMAP_MIN_BYTES` or more get an anonymous mapping of their own.  It
-goes back to the OS when the storage dies (from malloc, a freed large block
-can stay in glibc's heap: its mmap threshold rises after large frees, and
-host RSS crept up save after save in runs that replace tensors), and it
-starts where the caller asks within a page, so that a record can be read
-into it with ``O_DIRECT`` (``aiostage._load._records``).
+:func:`mapped_storage`: staging buffers of :data:`MMAP_MIN_BYTES` or more
+(and the bounce buffers of direct reads) get an anonymous mapping of their
+own.  It goes back to the OS when the storage dies (from malloc, a freed
+large block can stay in glibc's heap: its mmap threshold rises after large
+frees, and host RSS crept up save after save in runs that replace
+tensors), and it starts on a page boundary.
 
 :func:`release_free_memory`: give the C allocator's free memory back to the
 OS after a checkpoint.
@@ -42,14 +41,12 @@ MMAP_MIN_BYTES = 128 * 1024
 """Buffers at least this large get an anonymous mapping of their own."""
 
 
-def mapped_storage(nbytes: int, offset: int = 0) -> torch.UntypedStorage:
-    """A CPU storage of ``nbytes`` on an anonymous mapping of its own, starting
-    ``offset`` bytes into its first page (untouched: pages fault in on first
-    write).  Unmapped when the storage dies.  Unlike malloc'd storages it
-    cannot be resized."""
-    mapping = mmap.mmap(-1, nbytes + offset)
-    tensor = torch.frombuffer(mapping, dtype=torch.uint8, offset=offset, count=nbytes)
-    return tensor.untyped_storage()
+def mapped_storage(nbytes: int) -> torch.UntypedStorage:
+    """A CPU storage of ``nbytes`` (more than 0) on an anonymous mapping of its
+    own, page-aligned and untouched (pages fault in on first write).
+    Unmapped when the storage dies.  Unlike malloc'd storages it cannot be
+    resized."""
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8).untyped_storage()
 
 
 @functools.cache

@@ -17,16 +17,17 @@ and ``aiostage.load`` goes through ``torch.load``.
 
 Direct reads: the records of :data:`DIRECT_MIN_BYTES` or more that are not in
 the page cache are read with ``O_DIRECT`` (:class:`DirectReads`): before
-each window of at most ``SYSCALL_BYTES``, ``cachestat`` (Linux 6.5+) tells
-how much of it the page cache holds, and a window it mostly holds is read
-from the cache.  (A ``preadv`` with ``RWF_NOWAIT`` would tell too, but its
-miss starts the readahead it declines to wait for: the file was then read
+each window (:data:`DIRECT_SYSCALL_BYTES` or :data:`BOUNCE_BYTES`),
+``cachestat`` (Linux 6.5+) tells how much of it the page cache holds, and
+a window it mostly holds, or holds dirty, is read from the cache.  (A
+``preadv`` with ``RWF_NOWAIT`` would tell too, but its miss starts the
+readahead it declines to wait for: the file was then read
 twice, through both paths.)  Where a record's destination memory and its
 file offset agree modulo :data:`~aiostage._persist._archive.DIRECT_ALIGN`,
-its whole blocks are read straight into that memory; a plain load makes
-its large storages so (:func:`aiostage._memory.mapped_storage` at the
-record's offset into a page).  Elsewhere (``into``'s tensors lie where
-they lie) the blocks go through a bounce buffer and are copied out.  A
+its whole blocks are read straight into that memory; elsewhere (tensors
+lie where the allocator put them) they go through a bounce buffer and are
+copied out.  ``aiostage.load`` reads so into existing tensors (``into``)
+only.  A
 cold buffered read on the 2-core VM went at 0.6-2.0 GB/s with 0.2-1.5 s of
 CPU per GiB (page-cache allocation, reclaim, the copy), an ``O_DIRECT``
 read of the same file at the device's 1.4-2.3 GB/s with 0.03 s.
@@ -48,7 +49,7 @@ from typing import Any, NamedTuple, Protocol
 import torch
 
 from aiostage._exceptions import CheckpointLoadError, CorruptCheckpointError
-from aiostage._memory import MMAP_MIN_BYTES, mapped_storage
+from aiostage._memory import mapped_storage
 from aiostage._persist._archive import DIRECT_ALIGN
 from aiostage._persist._writer import DIRECT_MIN_BYTES, storage_view
 from aiostage._threads import GilTurns
@@ -149,18 +150,12 @@ def plan_reads(
     prefix: str,
     batch_bytes: int = READ_BATCH_BYTES,
     targets: Mapping[str, tuple[torch.UntypedStorage, int]] | None = None,
-    placed: bool = False,
 ) -> tuple[dict[str, torch.UntypedStorage], list[ReadBatch]]:
     """Plan the calls that read every ``{prefix}data/<key>`` record, in file order.
 
     A record named in ``targets`` (key -> ``(storage, byte offset)``) is read
     into that memory; every other record gets a fresh storage (allocated,
-    not touched: the reading threads fault its pages in); with ``placed``, a
-    large one on a mapping of its own that starts as far into a page as the
-    record does in the file, for direct reads.  (Only then: a storage from
-    malloc may reuse memory that is already faulted in, as in a process
-    that loads again and again, where a fresh mapping always pays its page
-    faults.)
+    not touched: the reading threads fault its pages in).
 
     Returns:
         The fresh storages by key, and the batches.
@@ -181,14 +176,7 @@ def plan_reads(
         if targets is not None and key in targets:
             storage, base = targets[key]
         else:
-            # Large ones start as far into a page as the record does in the
-            # file, so that direct reads apply (see DirectReads).
-            storage = (
-                mapped_storage(e.size, e.data_offset % DIRECT_ALIGN)
-                if placed and e.size >= MMAP_MIN_BYTES
-                else torch.UntypedStorage(e.size)
-            )
-            base = 0
+            storage, base = torch.UntypedStorage(e.size), 0
             storages[key] = storage
         if e.size == 0:
             continue
@@ -425,9 +413,11 @@ def read_batch(path: str, fd: int, batch: ReadBatch, direct: DirectReads | None 
 
 
 def _read_span(path: str, fd: int, span: Span, direct: DirectReads | None) -> None:
-    """Read ``span`` in windows of at most ``SYSCALL_BYTES``: each window of a
-    direct or bounced span with ``O_DIRECT`` unless the page cache holds it
-    (see :class:`DirectReads`), the rest through the page cache."""
+    """Read ``span`` in windows: a direct span's of at most
+    ``DIRECT_SYSCALL_BYTES`` and a bounced span's of at most ``BOUNCE_BYTES``
+    with ``O_DIRECT`` unless the page cache holds them (see
+    :class:`DirectReads`), the rest through the page cache in windows of at
+    most ``SYSCALL_BYTES``."""
     views = span.views
     nbytes = sum(v.nbytes for v in views)
     done = 0

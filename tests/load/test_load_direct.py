@@ -89,18 +89,15 @@ async def test_cold_load_reads_past_the_page_cache(tmp_path: Path) -> None:
     assert resident_fraction(path) > 0.95
 
 
-async def test_cold_plain_load_reads_past_the_page_cache(tmp_path: Path) -> None:
-    """A plain load puts each large storage as far into a page as its record
-    lies in the file, so its blocks are read straight into it."""
+async def test_plain_load_reads_through_the_page_cache(tmp_path: Path) -> None:
+    """A plain load reads into fresh memory: through the page cache, into
+    ordinary (resizable) storages, as torch.load does."""
     state, path = await saved(tmp_path)
     evict(path)
     got = await aiostage.load(path)
     assert_same(got, state)
-    assert resident_fraction(path) < 0.05
-    entries = _reader._open_archive(str(path))
-    records = _records.storage_records(entries, _records.archive_prefix(entries))
-    offsets = sorted(r.data_offset % 4096 for r in records.values() if r.size >= MiB)
-    assert sorted(got[k].data_ptr() % 4096 for k in ("a", "b", "c")) == offsets
+    assert resident_fraction(path) > 0.95
+    assert all(t.untyped_storage().resizable() for t in got.values())
 
 
 async def test_cached_records_are_read_from_the_cache(
@@ -189,15 +186,12 @@ async def test_truncated_file_is_corrupt_with_direct_reads(tmp_path: Path, kind:
     _, path = await saved(tmp_path)
     entries = _reader._open_archive(str(path))
     prefix = _records.archive_prefix(entries)
-    targets = None
-    if kind == "bounced":  # destinations 4 bytes off the file's alignment
-        records = _records.storage_records(entries, prefix)
-        targets = {}
-        for key, rec in records.items():
-            storage = torch.UntypedStorage(rec.size + 8192)
-            skip = (rec.data_offset + 4 - storage.data_ptr()) % 4096
-            targets[key] = (storage, skip)
-    _, batches = _records.plan_reads(entries, prefix, targets=targets, placed=True)
+    skew = 0 if kind == "direct" else 4  # bytes off the file's alignment
+    targets = {}
+    for key, rec in _records.storage_records(entries, prefix).items():
+        storage = torch.UntypedStorage(rec.size + 8192)
+        targets[key] = (storage, (rec.data_offset + skew - storage.data_ptr()) % 4096)
+    _, batches = _records.plan_reads(entries, prefix, targets=targets)
     batch = max(batches, key=lambda b: b.nbytes)
     os.truncate(path, batch.offset + batch.nbytes // 2 + 100)
     evict(path)
