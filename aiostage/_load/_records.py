@@ -292,20 +292,9 @@ class DirectReads:
         """Read ``window`` (one view of whole blocks) from ``offset`` with
         ``O_DIRECT``, unless most of it is in the page cache or any of it
         is dirty there; ``None``: read it through ``fd`` (the page cache)."""
-        dfd = self.fd
-        if dfd is None or offset % DIRECT_ALIGN:  # a short read ended mid-block
+        if offset % DIRECT_ALIGN:  # a short read ended mid-block
             return None
-        nbytes = sum(v.nbytes for v in window)
-        state = page_cache_state(fd, offset, nbytes)
-        if state is None or state[1] or 2 * state[0] * DIRECT_ALIGN >= nbytes:
-            return None
-        try:
-            return os.preadv(dfd, window, offset)
-        except OSError as exc:
-            if exc.errno != errno.EINVAL:
-                raise
-            self.refuse()  # an alignment this file system does not take
-            return None
+        return self._read_uncached(fd, window, offset, sum(v.nbytes for v in window))
 
     def read_bounced(self, fd: int, address: int, nbytes: int, offset: int) -> int | None:
         """Read up to ``nbytes`` file bytes from ``offset`` into memory at
@@ -313,28 +302,42 @@ class DirectReads:
         bounce buffer, then a copy (the GIL released); return how many
         landed (0 at the end of the file).  ``None``: read them through
         ``fd`` (the page cache) instead, as for :meth:`read`."""
-        dfd = self.fd
-        if dfd is None:
+        if self.fd is None:  # (before a bounce buffer is made for nothing)
             return None
         start = offset // DIRECT_ALIGN * DIRECT_ALIGN
         end = -(-(offset + nbytes) // DIRECT_ALIGN) * DIRECT_ALIGN
         length = min(BOUNCE_BYTES, end - start)
-        state = page_cache_state(fd, start, length)
-        if state is None or state[1] or 2 * state[0] * DIRECT_ALIGN >= length:
-            return None
         bounce = self._bounce()
-        try:
-            got = os.preadv(dfd, [storage_view(bounce)[:length]], start)
-        except OSError as exc:
-            if exc.errno != errno.EINVAL:
-                raise
-            self.refuse()
+        got = self._read_uncached(fd, [storage_view(bounce)[:length]], start, length)
+        if got is None:
             return None
         useful = min(got - (offset - start), nbytes)
         if useful <= 0:
             return 0
         ctypes.memmove(address, bounce.data_ptr() + (offset - start), useful)
         return useful
+
+    def _read_uncached(
+        self, fd: int, buffers: list[memoryview], offset: int, nbytes: int
+    ) -> int | None:
+        """``preadv`` of ``nbytes`` (whole blocks, from an aligned ``offset``)
+        into ``buffers`` with ``O_DIRECT``; ``None`` where the page cache
+        holds most of them or any dirty, or where the file system refuses
+        the read (``EINVAL``: then the rest of the load goes through the
+        page cache too)."""
+        dfd = self.fd
+        if dfd is None:
+            return None
+        state = page_cache_state(fd, offset, nbytes)
+        if state is None or state[1] or 2 * state[0] * DIRECT_ALIGN >= nbytes:
+            return None
+        try:
+            return os.preadv(dfd, buffers, offset)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            self.refuse()  # an alignment this file system does not take
+            return None
 
     def _bounce(self) -> torch.UntypedStorage:
         """This thread's bounce buffer (page-aligned, made on first use)."""
