@@ -52,17 +52,14 @@ TRAVERSAL_BUDGET_S = 0.002
 _is_fresh = operator.attrgetter("fresh")
 
 
-def _mixed_dtypes_error(path: str) -> StagingError:
-    return StagingError(
-        "a storage is viewed with two dtypes; torch.save's format (and so a "
-        "checkpoint) cannot hold that: save a copy of this tensor instead",
-        path=path,
-    )
-
-
 def _refuse_mixed_dtypes(plan: StagePlan) -> None:
+    """Refuse a plan that a checkpoint cannot hold (before ``save()`` writes)."""
     if plan.mixed_dtypes is not None:
-        raise _mixed_dtypes_error(plan.mixed_dtypes)
+        raise StagingError(
+            "a storage is viewed with two dtypes; torch.save's format (and so a "
+            "checkpoint) cannot hold that: save a copy of this tensor instead",
+            path=plan.mixed_dtypes,
+        )
 
 
 async def _let_timers_run() -> None:
@@ -209,8 +206,7 @@ class _StagerBase:
         def start_writer(plan: StagePlan) -> None:
             # Called once the plan exists (the skeleton is ready): the writer
             # runs beside the copies and takes each storage as it lands.
-            if plan.mixed_dtypes is not None:
-                raise _mixed_dtypes_error(plan.mixed_dtypes)
+            _refuse_mixed_dtypes(plan)
             writers.append(
                 asyncio.create_task(
                     persist(plan.result, path, wait_ready=plan.wait_landed, progress=progress)
