@@ -18,10 +18,11 @@ import threading
 import time
 import warnings
 import weakref
+from bisect import bisect_left
 from collections import OrderedDict
 from collections.abc import Callable, Generator
 from itertools import repeat
-from operator import is_
+from operator import eq, is_
 from typing import Any, NamedTuple, TypeVar, cast
 
 import torch
@@ -41,9 +42,17 @@ from aiostage._stage._traverse import (
     view_on,
 )
 
-__all__ = ["CacheInfo", "StateDictStager", "pin_storage"]
+__all__ = ["CacheInfo", "OnChecked", "StateDictStager", "pin_storage"]
 
 T = TypeVar("T")
+
+#: The ``on_checked`` hook of :meth:`StateDictStager.plan`: called with the
+#: plan's request list, its ``whole`` map and a range ``[start, stop)`` of
+#: requests that are final (their copies may start).  Both containers are
+#: filled in as checks pass; other entries of the list are None until then.
+OnChecked = Callable[[list[Any], dict[int, tuple[torch.Tensor, torch.Tensor]], int, int], None]
+
+_CPU = torch.device("cpu")
 
 
 class CacheInfo(NamedTuple):
@@ -333,6 +342,8 @@ class _Columns:
 
     __slots__ = (
         "atomic",
+        "blocks",
+        "complex",
         "creators",
         "dense",
         "dense_at",
@@ -378,6 +389,11 @@ class _Columns:
         self.dense: list[int] = []  # requests copied tensor-to-tensor...
         self.dense_at: list[int] = []  # ...from these tensors
         self.dense_writes: list[torch.Tensor] = []
+        #: The order to check blocks of tensors in: the most bytes first, so
+        #: that copies started early (see ``StateDictStager.plan``) get the
+        #: big ones going while the loop checks the many small ones.
+        self.blocks: list[int] = []
+        self.complex = False  # any tensor of a complex dtype
 
 
 #: Check the clock every this many values while recording a replay.
@@ -397,6 +413,21 @@ _nbytes = torch.UntypedStorage.nbytes
 _offset = torch.Tensor.storage_offset
 _size = torch.Tensor.size
 _stride = torch.Tensor.stride
+
+
+def _plains_unchanged(cols: _Columns, plains: list[tuple[int, torch.Tensor]]) -> bool:
+    """Whether the bare views that copies write into (other than the staged
+    tensors themselves) are still as recorded."""
+    for tensor, plain in plains:
+        if (
+            plain.size() != cols.sizes[tensor]
+            or plain.stride() != cols.strides[tensor]
+            or plain.storage_offset() != cols.offsets[tensor]
+            or plain.untyped_storage() is not cols.dsts[tensor]
+            or getattr(plain, "__dict__", None)
+        ):
+            return False
+    return True
 
 
 class StateDictStager:
@@ -513,16 +544,29 @@ class StateDictStager:
     # -- the two halves the async stagers drive ------------------------------
 
     def plan(
-        self, obj: Any, *, type_check: bool = False, budget_s: float | None = None
+        self,
+        obj: Any,
+        *,
+        type_check: bool = False,
+        budget_s: float | None = None,
+        on_checked: OnChecked | None = None,
     ) -> Generator[None, None, StagePlan]:
-        """Traverse ``obj`` and build its :class:`StagePlan`; no bytes move.
+        """Traverse ``obj`` and build its :class:`StagePlan`; no bytes move here.
 
         A generator: with ``budget_s`` set it yields after about that much
         work so that an event loop can run in between.
+
+        ``on_checked``: when the plan is a replay (see :class:`_Replay`) of
+        a state whose tensors are all on CPU, each on a storage of its own,
+        it is called after each block of tensors has passed its checks, with
+        the requests final so far; the caller may start copying them while
+        the plan goes on.  If a later block fails its checks the plan is
+        built afresh (the same sources into the same staging storages), so
+        copies started early are never wrong, only repeated.
         """
         replay, self._replay = self._replay, None
         if replay is not None:
-            replayed = yield from self._replay_plan(obj, replay, budget_s)
+            replayed = yield from self._replay_plan(obj, replay, budget_s, on_checked)
             if replayed is not None:
                 return replayed
             replay.kill()
@@ -718,18 +762,27 @@ class StateDictStager:
         if created != len(requests) or replay.records is None:  # None: a source died
             return None
         cols.dense_writes = [cols.writes[t] for t in cols.dense_at]
+        cols.complex = any(dtype.is_complex for dtype in set(cols.dtypes))
+        starts = range(0, len(cols.refs), _REPLAY_BLOCK)
+        weight = [-sum(cols.nbytes[a : a + _REPLAY_BLOCK]) for a in starts]
+        cols.blocks = [starts[k] for k in sorted(range(len(starts)), key=weight.__getitem__)]
         replay.records = cols
         return replay
 
     def _replay_plan(
-        self, obj: Any, replay: _Replay, budget_s: float | None
+        self,
+        obj: Any,
+        replay: _Replay,
+        budget_s: float | None,
+        on_checked: OnChecked | None = None,
     ) -> Generator[None, None, StagePlan | None]:
         """The plan of ``obj`` rebuilt from ``replay``, or None if anything changed.
 
-        No cache changes here: when it returns None nothing happened.  The
-        checks run column by column over blocks of tensors (``map`` over
-        torch's methods, compared as lists), which costs a fraction of a
-        Python loop per tensor.
+        No cache changes here: when it returns None nothing happened (beyond
+        copies that ``on_checked`` started, see :meth:`plan`).  The checks
+        run column by column over blocks of tensors (``map`` over torch's
+        methods, compared as lists), which costs a fraction of a Python loop
+        per tensor.
         """
         cols = replay.records
         if cols is None or type(obj) is not replay.kind or not isinstance(obj, dict):
@@ -754,10 +807,28 @@ class StateDictStager:
         count = len(tensors)
         if count != len(cols.refs):
             return None
-        srcs: list[torch.UntypedStorage] = []
+        creators, dsts, nbytes, paths = cols.creators, cols.dsts, cols.nbytes, cols.paths
+        dense, dense_at, dense_writes = cols.dense, cols.dense_at, cols.dense_writes
+        own = len(creators) == count  # every tensor has a storage of its own
+        # Stream the requests out block by block as they pass their checks
+        # (see plan()): only where a request is a tensor (``own``), all on
+        # CPU, and a checkpoint can hold the state (save() refuses mixed
+        # dtypes before copying anything).
+        stream = (
+            on_checked is not None
+            and own
+            and replay.mixed is None
+            and replay.by_device is not None
+            and list(replay.by_device) == [_CPU]
+            and count == len(replay.by_dst)
+        )
+        plain_at = [tensor for tensor, _ in cols.plains]
+        requests: list[Any] = [None] * count if stream else []
+        whole: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        srcs: list[Any] = [None] * count
         deadline = float("inf") if budget_s is None else time.perf_counter() + budget_s
-        for a in range(0, count, _REPLAY_BLOCK):
-            b = a + _REPLAY_BLOCK
+        for a in cols.blocks:
+            b = min(a + _REPLAY_BLOCK, count)
             ts = tensors[a:b]
             # Tensor objects may be new (``model.state_dict()`` detaches
             # afresh each call): what counts is their type, storage, dtype
@@ -765,7 +836,9 @@ class StateDictStager:
             if (
                 not all(map(is_, map(type, ts), cols.types[a:b]))
                 or any(map(_attrs, ts))
-                or any(map(_is_conj, ts))
+                # (only a complex tensor can have its conjugate bit set, and
+                # the dtypes are checked below)
+                or (cols.complex and any(map(_is_conj, ts)))
                 or any(map(_is_neg, ts))
             ):
                 return None
@@ -781,64 +854,69 @@ class StateDictStager:
             requires_grad = cols.requires_grad[a:b]
             staged = cols.staged[a:b]
             if (
-                list(map(_nbytes, ss)) != cols.nbytes[a:b]
+                not all(map(eq, map(_nbytes, ss), nbytes[a:b]))
                 or not all(map(is_, map(_dtype, ts), cols.dtypes[a:b]))
-                or list(map(_offset, ts)) != offsets
-                or list(map(_size, ts)) != sizes
-                or list(map(_stride, ts)) != strides
-                or list(map(_requires_grad, ts)) != requires_grad
+                or not all(map(eq, map(_offset, ts), offsets))
+                or not all(map(eq, map(_size, ts), sizes))
+                or not all(map(eq, map(_stride, ts), strides))
+                or not all(map(is_, map(_requires_grad, ts), requires_grad))
                 # The caller may have changed a staged result in place
                 # (see _untouched).
-                or list(map(_requires_grad, staged)) != requires_grad
-                or list(map(_size, staged)) != sizes
-                or list(map(_stride, staged)) != strides
-                or list(map(_offset, staged)) != offsets
+                or not all(map(is_, map(_requires_grad, staged), requires_grad))
+                or not all(map(eq, map(_size, staged), sizes))
+                or not all(map(eq, map(_stride, staged), strides))
+                or not all(map(eq, map(_offset, staged), offsets))
                 or not all(map(is_, map(_storage, staged), cols.dsts[a:b]))
                 or any(map(_attrs, staged))
             ):
                 return None
-            srcs += ss
-            if time.perf_counter() >= deadline:
-                yield
-                deadline = time.perf_counter() + (budget_s or 0.0)
-        for tensor, plain in cols.plains:
-            if (
-                plain.size() != cols.sizes[tensor]
-                or plain.stride() != cols.strides[tensor]
-                or plain.storage_offset() != cols.offsets[tensor]
-                or plain.untyped_storage() is not cols.dsts[tensor]
-                or getattr(plain, "__dict__", None)
-            ):
-                return None
-        # Everything checked: assemble the plan, in blocks too.
-        block = _REPLAY_BLOCK
-        creators, dsts, nbytes, paths = cols.creators, cols.dsts, cols.nbytes, cols.paths
-        own = len(creators) == count  # every tensor has a storage of its own
-        requests: list[CopyRequest] = []
-        for a in range(0, len(creators), block):
-            b = a + block
-            if own:
-                pieces = zip(
-                    srcs[a:b], dsts[a:b], nbytes[a:b], paths[a:b], repeat(False), repeat(False)
-                )
-                requests += map(_new_tuple, repeat(CopyRequest), pieces)
+            if stream:
+                lo, hi = bisect_left(plain_at, a), bisect_left(plain_at, b)
+                if not _plains_unchanged(cols, cols.plains[lo:hi]):
+                    return None
+                pieces = zip(ss, dsts[a:b], nbytes[a:b], paths[a:b], repeat(False), repeat(False))
+                requests[a:b] = map(_new_tuple, repeat(CopyRequest), pieces)
+                lo, hi = bisect_left(dense, a), bisect_left(dense, b)
+                sources = map(tensors.__getitem__, dense_at[lo:hi])
+                pairs = zip(sources, dense_writes[lo:hi], strict=True)
+                whole.update(zip(dense[lo:hi], pairs, strict=True))
+                assert on_checked is not None
+                on_checked(requests, whole, a, b)
             else:
-                requests += [
-                    _new_tuple(CopyRequest, (srcs[t], dsts[t], nbytes[t], paths[t], False, False))
-                    for t in creators[a:b]
-                ]
+                srcs[a:b] = ss
             if time.perf_counter() >= deadline:
                 yield
                 deadline = time.perf_counter() + (budget_s or 0.0)
-        whole: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        dense, dense_at, dense_writes = cols.dense, cols.dense_at, cols.dense_writes
-        for a in range(0, len(dense), block):
-            b = a + block
-            sources = map(tensors.__getitem__, dense_at[a:b])
-            whole.update(zip(dense[a:b], zip(sources, dense_writes[a:b], strict=True), strict=True))
-            if time.perf_counter() >= deadline:
-                yield
-                deadline = time.perf_counter() + (budget_s or 0.0)
+        if not stream:
+            if not _plains_unchanged(cols, cols.plains):
+                return None
+            # Everything checked: assemble the plan, in blocks too.
+            for a in range(0, len(creators), _REPLAY_BLOCK):
+                b = a + _REPLAY_BLOCK
+                if own:
+                    pieces = zip(
+                        srcs[a:b], dsts[a:b], nbytes[a:b], paths[a:b], repeat(False), repeat(False)
+                    )
+                    requests += map(_new_tuple, repeat(CopyRequest), pieces)
+                else:
+                    requests += [
+                        _new_tuple(
+                            CopyRequest, (srcs[t], dsts[t], nbytes[t], paths[t], False, False)
+                        )
+                        for t in creators[a:b]
+                    ]
+                if time.perf_counter() >= deadline:
+                    yield
+                    deadline = time.perf_counter() + (budget_s or 0.0)
+            for a in range(0, len(dense), _REPLAY_BLOCK):
+                b = a + _REPLAY_BLOCK
+                sources = map(tensors.__getitem__, dense_at[a:b])
+                whole.update(
+                    zip(dense[a:b], zip(sources, dense_writes[a:b], strict=True), strict=True)
+                )
+                if time.perf_counter() >= deadline:
+                    yield
+                    deadline = time.perf_counter() + (budget_s or 0.0)
         out = cols.staged
         if cols.atomic:
             out = list(values)
@@ -847,8 +925,8 @@ class StateDictStager:
         result: dict[Any, Any] = replay.kind()
         if metadata is not None:
             result._metadata = metadata  # type: ignore[attr-defined]
-        for a in range(0, len(keys), block):
-            b = a + block
+        for a in range(0, len(keys), _REPLAY_BLOCK):
+            b = a + _REPLAY_BLOCK
             result.update(zip(keys[a:b], out[a:b], strict=True))
             if time.perf_counter() >= deadline:
                 yield

@@ -111,6 +111,7 @@ class StagePlan:
         # Segments not yet landed per request, plus one until its batches exist.
         self._remaining = [1] * len(sizes) if all(sizes) else [1 if n else 0 for n in sizes]
         self._landed: dict[int, anyio.Event] = {}
+        self._unapplied: list[CopyBatch] = []  # landed while nobody waited
         self._failed: BaseException | None = None
         self.bytes_done = 0
         #: Key path of a tensor viewing an already-seen storage with another
@@ -176,15 +177,37 @@ class StagePlan:
 
     # -- completion tracking (loop thread only) ------------------------------
 
+    def split(self, index: int, extra: int) -> None:
+        """Request ``index`` is copied in ``extra`` more segments than one
+        (by a copier that cuts its own batches instead of :meth:`batches`)."""
+        self._remaining[index] += extra
+
     def batch_done(self, batch: CopyBatch) -> None:
-        """Record that every segment of ``batch`` has landed."""
+        """Record that every segment of ``batch`` has landed.
+
+        While nobody waits for a storage (a plain ``stage()``), the
+        per-segment bookkeeping is put off until someone asks: for tens of
+        thousands of small storages it costs the loop milliseconds.
+        """
+        self.bytes_done += batch.nbytes
+        if self._landed:
+            self._apply(batch)
+        else:
+            self._unapplied.append(batch)
+
+    def _apply(self, batch: CopyBatch) -> None:
+        remaining, landed = self._remaining, self._landed
         for seg in batch.segments:
-            self._remaining[seg.request] -= 1
-            if self._remaining[seg.request] == 0:
-                event = self._landed.get(seg.request)
+            remaining[seg.request] -= 1
+            if remaining[seg.request] == 0:
+                event = landed.get(seg.request)
                 if event is not None:
                     event.set()
-        self.bytes_done += batch.nbytes
+
+    def _apply_unapplied(self) -> None:
+        batches, self._unapplied = self._unapplied, []
+        for batch in batches:
+            self._apply(batch)
 
     def fail(self, exc: BaseException) -> None:
         """Wake every waiter: the copies will not complete."""
@@ -193,6 +216,7 @@ class StagePlan:
             event.set()
 
     def is_landed(self, index: int) -> bool:
+        self._apply_unapplied()
         return self._remaining[index] == 0
 
     async def wait_landed(self, storage: torch.UntypedStorage) -> None:
@@ -207,6 +231,7 @@ class StagePlan:
         index = self._by_dst.get(storage._cdata)
         if index is None:
             return
+        self._apply_unapplied()
         if self._remaining[index] > 0 and self._failed is None:
             event = self._landed.get(index)
             if event is None:

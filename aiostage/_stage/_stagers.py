@@ -28,9 +28,9 @@ import torch
 from aiostage._exceptions import StagerClosedError, StagingError
 from aiostage._gc import gc_paused
 from aiostage._progress import Progress
-from aiostage._stage._cpu_copy import copy_batch, run_in_threads
+from aiostage._stage._cpu_copy import EarlyCopies, copy_batch, run_in_threads
 from aiostage._stage._device_copy import DeviceOps, TorchDeviceOps, run_on_stream
-from aiostage._stage._engine import CacheInfo, StateDictStager
+from aiostage._stage._engine import CacheInfo, OnChecked, StateDictStager
 from aiostage._stage._options import StagingOptions
 from aiostage._stage._plan import StagePlan
 from aiostage._threads import run_all, run_sync, uncancelled
@@ -308,9 +308,9 @@ class DefaultStager(_StagerBase):
         self._engine.close()
         self._streams.clear()
 
-    async def _plan(self, state_dict: Any) -> StagePlan:
+    async def _plan(self, state_dict: Any, on_checked: OnChecked | None = None) -> StagePlan:
         budget = TRAVERSAL_BUDGET_S if self.options.use_async_staging else None
-        gen = self._engine.plan(state_dict, budget_s=budget)
+        gen = self._engine.plan(state_dict, budget_s=budget, on_checked=on_checked)
         try:
             while True:
                 gen.send(None)
@@ -329,12 +329,33 @@ class DefaultStager(_StagerBase):
     async def _stage_paused(
         self, state_dict: Any, on_plan: Callable[[StagePlan], None] | None
     ) -> Any:
-        plan = await self._plan(state_dict)
+        # A replayed plan of CPU tensors is checked block by block on the
+        # loop; the copies of checked blocks start meanwhile (EarlyCopies).
+        early = None
+        if self.options.use_async_staging and self._device_ops is None:
+            early = EarlyCopies(self.options.threads, self.options.chunk_bytes)
         try:
+            plan = await self._plan(state_dict, None if early is None else early.checked)
+        except BaseException:
+            if early is not None:
+                await early.abandon()
+            raise
+        try:
+            if early is not None:
+                if early.owns(plan):
+                    early.attach(plan)
+                else:  # the replay gave up: its copies land before the plan's
+                    await early.abandon()
+                    early = None
             if on_plan is not None:
                 on_plan(plan)
-            await self._execute(plan)
+            if early is not None:
+                await early.finish()
+            else:
+                await self._execute(plan)
         except BaseException as exc:
+            if early is not None:
+                await early.abandon()
             plan.fail(exc)
             self._engine.discard(plan)
             raise

@@ -321,9 +321,11 @@ async def test_copy_threads_one_into_new_buffers_all_cores_after(
     monkeypatch: pytest.MonkeyPatch, explicit: int | None
 ) -> None:
     """By default a stage into newly allocated buffers copies with one
-    thread (page faults from several contend), later stages with one per
-    core (at most 4); an explicit copy_threads is always used."""
+    thread (page faults from several contend), later stages (replays, whose
+    copies start early) with one per core (at most 4) once planned; an
+    explicit copy_threads is always used."""
     from aiostage._stage import _stagers
+    from aiostage._stage._cpu_copy import EarlyCopies
 
     used: list[int] = []
     real = _stagers.run_in_threads
@@ -332,7 +334,13 @@ async def test_copy_threads_one_into_new_buffers_all_cores_after(
         used.append(threads)
         await real(requests, batches, threads, *rest)
 
+    class EarlySpy(EarlyCopies):
+        async def finish(self) -> None:
+            used.append(self._threads)
+            await super().finish()
+
     monkeypatch.setattr(_stagers, "run_in_threads", spy)
+    monkeypatch.setattr(_stagers, "EarlyCopies", EarlySpy)
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
     sd = {"w": torch.randn(1000), "b": torch.randn(10)}
     async with DefaultStager(StagingOptions(copy_threads=explicit)) as stager:
