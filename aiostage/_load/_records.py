@@ -250,9 +250,11 @@ class DirectReads:
 
     ``fd`` is ``None`` where the platform or the file system has no direct
     I/O, where the kernel cannot tell what is in the page cache (before
-    Linux 6.5), or once a read was refused (``EINVAL``: an alignment the
-    file system does not take): the rest of the load then reads through
-    the page cache.
+    Linux 6.5), where the page cache held at least half the file when the
+    load began, or once a read was refused (``EINVAL``: an alignment the
+    file system does not take): the load then reads through the page cache.
+    (A cached file read window by window, each window's residency asked
+    first, took 0.22-0.25 s for 1 GiB against 0.19 s read plainly.)
     """
 
     def __init__(self) -> None:
@@ -269,11 +271,12 @@ class DirectReads:
         worker thread).  The caller closes."""
         flag = getattr(os, "O_DIRECT", 0)
         whole = page_cache_state(fd, 0, 0)
-        if flag and whole is not None:
+        if not flag or whole is None:
+            return
+        self.cold = 2 * whole[0] * DIRECT_ALIGN < os.fstat(fd).st_size
+        if self.cold:
             with contextlib.suppress(OSError):  # EINVAL: not supported here
                 self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | flag)
-            size = os.fstat(fd).st_size
-            self.cold = 2 * whole[0] * DIRECT_ALIGN < size
 
     def refuse(self) -> None:
         """Read the rest through the page cache (the descriptor stays open
