@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
+import importlib
 import os
 import sys
 import threading
@@ -32,6 +34,13 @@ from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
+
+# anyio imports its asyncio backend (about 20 modules, 10-30 ms here) the
+# first time it is used: on the event loop, inside the first stage() or
+# save().  Import it with aiostage instead, so that no call blocks the loop
+# on imports.
+with contextlib.suppress(ImportError):  # (a private module: if anyio moves it)
+    importlib.import_module("anyio._backends._asyncio")
 
 __all__ = [
     "BACKGROUND_NICE_ENV",

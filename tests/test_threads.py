@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -134,3 +135,35 @@ def test_bad_background_nice_is_refused_by_name(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setenv(_threads.BACKGROUND_NICE_ENV, bad)
     with pytest.raises(ValueError, match=_threads.BACKGROUND_NICE_ENV):
         _threads.background_executor()
+
+
+_FIRST_CALLS = """
+import asyncio, sys
+import torch
+import aiostage
+
+async def main():
+    state = {"w": torch.ones(1000), "b": torch.zeros(10)}
+    before = set(sys.modules)
+    async with aiostage.DefaultStager() as stager:
+        await stager.stage(state)
+        await (await stager.save(state, sys.argv[1])).wait()
+    print(sorted(set(sys.modules) - before))
+
+asyncio.run(main())
+"""
+
+
+def test_first_calls_import_nothing_on_the_event_loop(tmp_path: Path) -> None:
+    """anyio imports its asyncio backend (about 20 modules) on first use; an
+    import inside the first stage() held the loop 10-30 ms.  aiostage
+    imports it with itself, so a fresh process's first calls import nothing."""
+    result = subprocess.run(
+        [sys.executable, "-c", _FIRST_CALLS, str(tmp_path / "ckpt.pt")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
