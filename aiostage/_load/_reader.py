@@ -29,7 +29,7 @@ import struct
 import threading
 import zipfile
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, BinaryIO, cast
 
@@ -472,14 +472,6 @@ async def _read_state(
         await run_all([reader] * min(threads, max(1, len(batches))))
 
     try:
-        if direct_io and into is not None:
-            # Only into existing tensors: a plain load reads into fresh
-            # memory, where direct reads (straight in, or through a bounce
-            # buffer) raised the loop's p99 lag from 0.5-0.8 ms to 2.4-3.1
-            # ms (one load of 1 GiB in a fresh process), and storages that
-            # line up with the file would have to be fresh mappings, which
-            # cannot be resized as torch.load's can.
-            await run_sync(direct.open, path, fd)
         await run_sync(_records.check_byteorder, path, fd, by_name, prefix)
         pickled = await run_sync(_records.read_record, path, fd, by_name[prefix + "data.pkl"])
         if mmap:
@@ -512,11 +504,26 @@ async def _read_state(
             keys[metas[-1]._cdata] = key
             return metas[-1]
 
-        loaded = await run_sync(_records.unpickle, path, pickled, meta_for, allow)
-        placement = await run_sync(_into.place, path, loaded, into, keys, sizes)
-        scratch, batches = await run_sync(
-            functools.partial(_records.plan_reads, targets=placement.targets), entries, prefix
-        )
+        planned: list[tuple[_into.Placement, dict[str, torch.UntypedStorage], Any]] = []
+
+        def plan_into() -> None:  # (one thread hop for the three steps)
+            loaded = _records.unpickle(path, pickled, meta_for, allow)
+            placement = _into.place(path, loaded, into, keys, sizes)
+            scratch, batches = _records.plan_reads(entries, prefix, targets=placement.targets)
+            planned.append((placement, scratch, batches))
+
+        jobs: list[Callable[[], Awaitable[Any]]] = [functools.partial(run_sync, plan_into)]
+        if direct_io:
+            # Only into existing tensors: a plain load reads into fresh
+            # memory, where direct reads (straight in, or through a bounce
+            # buffer) raised the loop's p99 lag from 0.5-0.8 ms to 2.4-3.1
+            # ms (one load of 1 GiB in a fresh process), and storages that
+            # line up with the file would have to be fresh mappings, which
+            # cannot be resized as torch.load's can.  Asking the page cache
+            # about the whole file takes milliseconds: beside the unpickling.
+            jobs.append(functools.partial(run_sync, direct.open, path, fd))
+        await run_all(jobs)
+        placement, scratch, batches = planned[0]
         await read(batches)
         await run_sync(_into.copy_rest, placement.copies, scratch)
         return placement.result
