@@ -59,8 +59,16 @@ class SaveHandle:
         """The staged copy of the state that is being written.
 
         It belongs to the stager; do not modify it while the write runs.
+        ``None`` once the stager is closed: closing releases the buffers it
+        points into.
         """
         return self._staged
+
+    def _release_staged(self) -> Any:
+        """Forget the staged copy (its stager is closing); return it, so that
+        the caller drops the last reference where freeing it costs nothing."""
+        staged, self._staged = self._staged, None
+        return staged
 
     async def wait(self) -> Path:
         """Wait until the checkpoint is durable; return its path.
