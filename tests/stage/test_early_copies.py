@@ -11,7 +11,9 @@ half-way, that a failure or a cancellation leaves no copy running, and that
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
+from collections.abc import AsyncIterator, Generator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ import aiostage
 from aiostage import DefaultStager, StagingError, StagingOptions
 from aiostage._stage import _cpu_copy, _stagers
 from aiostage._stage._engine import StateDictStager
+from aiostage._stage._plan import StagePlan
 
 #: Small enough that every checked block of the states below fills a batch.
 CHUNK = 1 << 16
@@ -96,18 +99,32 @@ class CopySpy:
         self._monkeypatch.setattr(_stagers, "_let_timers_run", turn)
 
 
-def slice_every_block(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The loop gets a turn after every block of the replay's checks."""
+@contextlib.asynccontextmanager
+async def replaying(
+    monkeypatch: pytest.MonkeyPatch, sd: dict[str, torch.Tensor]
+) -> AsyncIterator[DefaultStager]:
+    """A stager that has staged ``sd`` once (so the next stage replays),
+    whose plans give the loop a turn after every block of checks."""
     monkeypatch.setattr(_stagers, "TRAVERSAL_BUDGET_S", 0.0)
+    async with DefaultStager(StagingOptions(chunk_bytes=CHUNK)) as stager:
+        await stager.stage(sd)
+        yield stager
+
+
+def run_plan(gen: Generator[None, None, StagePlan]) -> StagePlan:
+    """Drive an engine's plan() generator to its end."""
+    try:
+        while True:
+            next(gen)
+    except StopIteration as stop:
+        return stop.value
 
 
 async def test_replayed_copies_start_before_the_plan_is_finished(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    slice_every_block(monkeypatch)
     sd = small_state()
-    async with DefaultStager(StagingOptions(chunk_bytes=CHUNK)) as stager:
-        await stager.stage(sd)  # records the replay
+    async with replaying(monkeypatch, sd) as stager:
         spy = CopySpy(monkeypatch)
         spy.wait_at_first_turn()
         for value in sd.values():
@@ -121,11 +138,10 @@ async def test_replayed_copies_start_before_the_plan_is_finished(
 async def test_a_replay_that_gives_up_after_early_copies_stages_exactly(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    slice_every_block(monkeypatch)
     sd = small_state()
-    async with DefaultStager(StagingOptions(chunk_bytes=CHUNK)) as stager:
-        first = await stager.stage(sd)
-        ptrs = {k: v.untyped_storage().data_ptr() for k, v in first.items()}
+    async with replaying(monkeypatch, sd) as stager:
+        cached = stager._engine._cache.get
+        ptrs = {k: cached(v.untyped_storage()).data_ptr() for k, v in sd.items()}  # type: ignore[union-attr]
         spy = CopySpy(monkeypatch)
         spy.wait_at_first_turn()
         for value in sd.values():
@@ -148,23 +164,12 @@ async def test_the_largest_block_is_checked_and_reported_first() -> None:
     engine = StateDictStager()
     sd: dict[str, torch.Tensor] = {f"s{i}": torch.zeros(4) for i in range(300)}
     sd["big"] = torch.zeros(1 << 16)
-    gen = engine.plan(sd)
-    try:
-        while True:
-            next(gen)
-    except StopIteration as stop:
-        first = stop.value
+    first = run_plan(engine.plan(sd))
     first.by_device()  # (what DefaultStager asks, and the replay keeps)
     engine._copy_all(first, False)
     engine.commit(first)
     ranges: list[tuple[int, int]] = []
-    gen = engine.plan(sd, on_checked=lambda _r, _w, a, b: ranges.append((a, b)))
-    try:
-        while True:
-            next(gen)
-    except StopIteration as stop:
-        plan = stop.value
-    engine.commit(plan)
+    engine.commit(run_plan(engine.plan(sd, on_checked=lambda _r, _w, a, b: ranges.append((a, b)))))
     assert ranges[0] == (256, 301)  # the block holding "big" (request 300)
     assert sorted(ranges) == [(0, 128), (128, 256), (256, 301)]
 
@@ -175,12 +180,7 @@ async def test_no_early_copies_for_shared_storages() -> None:
     sd = {"a": base[:10], "b": base[10:], "c": torch.ones(3)}
     engine.stage(sd)
     calls: list[Any] = []
-    gen = engine.plan(sd, on_checked=lambda *args: calls.append(args))
-    try:
-        while True:
-            next(gen)
-    except StopIteration as stop:
-        plan = stop.value
+    plan = run_plan(engine.plan(sd, on_checked=lambda *args: calls.append(args)))
     assert plan.replay is not None  # a replay, but not one that streams
     assert calls == []
 
@@ -188,10 +188,8 @@ async def test_no_early_copies_for_shared_storages() -> None:
 async def test_cancelled_during_the_plan_waits_for_the_copy_in_flight(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    slice_every_block(monkeypatch)
     sd = small_state()
-    async with DefaultStager(StagingOptions(chunk_bytes=CHUNK)) as stager:
-        await stager.stage(sd)
+    async with replaying(monkeypatch, sd) as stager:
         spy = CopySpy(monkeypatch, hold=True)
         paused = asyncio.Event()
         real_turn = _stagers._let_timers_run
@@ -230,10 +228,8 @@ async def test_cancelled_during_the_plan_waits_for_the_copy_in_flight(
 async def test_a_failed_early_copy_raises_a_staging_error_and_the_next_stage_works(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    slice_every_block(monkeypatch)
     sd = small_state()
-    async with DefaultStager(StagingOptions(chunk_bytes=CHUNK)) as stager:
-        await stager.stage(sd)
+    async with replaying(monkeypatch, sd) as stager:
         real = torch._foreach_copy_
 
         def broken(*args: Any, **kwargs: Any) -> None:
@@ -255,9 +251,8 @@ async def test_a_failed_early_copy_raises_a_staging_error_and_the_next_stage_wor
 async def test_save_of_a_replayed_state_writes_what_landed(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, numel: int
 ) -> None:
-    slice_every_block(monkeypatch)
     sd = small_state(300, numel)
-    async with DefaultStager(StagingOptions(chunk_bytes=CHUNK)) as stager:
+    async with replaying(monkeypatch, sd) as stager:
         await (await stager.save(sd, tmp_path / "a.pt")).wait()
         spy = CopySpy(monkeypatch)
         spy.wait_at_first_turn()
