@@ -91,7 +91,14 @@ def _segments(
 ) -> Iterator[tuple[CopyRequest, torch.Tensor, torch.Tensor]]:
     for seg in batch.segments:
         req = requests[seg.request]
-        yield req, byte_view(req.dst, seg.start, seg.stop), byte_view(req.src, seg.start, seg.stop)
+        try:
+            dst, src = (
+                byte_view(req.dst, seg.start, seg.stop),
+                byte_view(req.src, seg.start, seg.stop),
+            )
+        except ValueError as exc:  # a source resized since the plan
+            raise _copy_error(req, exc) from exc
+        yield req, dst, src
 
 
 def _copy_error(req: CopyRequest, exc: Exception) -> StagingError:

@@ -67,8 +67,20 @@ class CopyBatch(NamedTuple):
 def byte_view(
     storage: torch.UntypedStorage, start: int = 0, stop: int | None = None
 ) -> torch.Tensor:
-    """A flat ``uint8`` tensor over bytes ``[start, stop)`` of ``storage`` (no copy)."""
-    end = storage.nbytes() if stop is None else stop
+    """A flat ``uint8`` tensor over bytes ``[start, stop)`` of ``storage`` (no copy).
+
+    Raises:
+        ValueError: the bytes lie past the storage's end (it was resized
+            since it was planned): ``set_`` would silently grow a resizable
+            storage, here the caller's own.
+    """
+    size = storage.nbytes()
+    end = size if stop is None else stop
+    if not 0 <= start <= end <= size:
+        raise ValueError(
+            f"bytes [{start}, {end}) lie past the end of a storage of {size} bytes; "
+            "do not resize tensors while they are being staged"
+        )
     return torch.empty((0,), dtype=torch.uint8, device=storage.device).set_(
         storage, start, (end - start,), (1,)
     )

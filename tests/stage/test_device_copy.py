@@ -154,3 +154,21 @@ async def test_timeout_waits_for_queued_device_copies(device: SimulatedDevice) -
         with pytest.raises(TimeoutError):
             await task
         assert device.executed == device.issued
+
+
+def test_a_source_resized_since_the_plan_is_a_staging_error_naming_it() -> None:
+    """The byte views of a batch refuse bytes past a storage's end (torch's
+    set_ would grow the caller's storage): the device copier reports it as a
+    StagingError with the key path."""
+    from aiostage._stage._device_copy import _segments
+    from aiostage._stage._plan import CopyBatch, CopyRequest, Segment
+    from aiostage._stage._traverse import ROOT
+
+    src = torch.zeros(1000).untyped_storage()
+    dst = torch.zeros(1000).untyped_storage()
+    req = CopyRequest(src, dst, 4000, (ROOT, "w"))
+    src.resize_(100)
+    with pytest.raises(StagingError, match="past the end") as err:
+        list(_segments([req], CopyBatch((Segment(0, 0, 4000),), 4000)))
+    assert err.value.path == "w"
+    assert src.nbytes() == 100

@@ -501,3 +501,22 @@ def test_a_source_shrunk_after_planning_is_an_error_not_an_overread() -> None:
             copy_batch(plan.requests, batch, plan.whole)
     assert err.value.path == "a"
     stager.discard(plan)
+
+
+def test_a_reused_buffer_whose_source_shrank_is_an_error_and_the_source_keeps_its_size() -> None:
+    """Into a reused buffer the copy goes through byte views: a view past a
+    shrunk source's end would make torch grow the caller's storage (and
+    copy its new, uninitialised bytes).  It is a StagingError naming the key
+    instead, and the source is left as the caller made it."""
+    stager = StateDictStager()
+    sd = {"a": torch.randn(100_000), "b": torch.randn(300_000)}
+    stager.stage(sd)  # the buffers exist: the next plan reuses them
+    plan = _plan_of(stager, sd)
+    assert not any(r.fresh for r in plan.requests)
+    sd["b"].untyped_storage().resize_(16)
+    with pytest.raises(StagingError, match="past the end") as err:
+        for batch in plan.batches(1 << 16):  # cut: byte views, not whole tensors
+            copy_batch(plan.requests, batch, plan.whole)
+    assert err.value.path == "b"
+    assert sd["b"].untyped_storage().nbytes() == 16
+    stager.discard(plan)
