@@ -102,7 +102,7 @@ def copy_batch(
         if dsts:
             try:
                 torch._foreach_copy_(dsts, srcs)
-            except Exception:
+            except Exception as batched:
                 # Find the culprit one by one, for an error that names it.
                 for seg in batch.segments:
                     pair = whole.get(seg.request) if whole else None
@@ -113,7 +113,9 @@ def copy_batch(
                         except Exception as exc:
                             msg = f"copying {req.nbytes} bytes failed: {exc}"
                             raise StagingError(msg, path=format_path(req.path)) from exc
-                raise
+                req = requests[batch.segments[0].request]
+                msg = f"copying {len(dsts)} tensors at once failed: {batched}"
+                raise StagingError(msg, path=format_path(req.path)) from batched
 
 
 async def run_in_threads(
@@ -349,6 +351,11 @@ class EarlyCopies:
             try:
                 _copy_prepared(self._requests, batch, self._whole, srcs, dsts, not self._final)
             except Exception as exc:
+                if not isinstance(exc, StagingError):  # (a batched copy that failed as a whole)
+                    req = self._requests[batch.segments[0].request]
+                    error = StagingError(f"copying failed: {exc}", path=format_path(req.path))
+                    error.__cause__ = exc
+                    exc = error
                 self._error = self._error or exc
                 self._stop = True
                 return

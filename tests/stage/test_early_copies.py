@@ -295,3 +295,19 @@ async def test_a_request_cut_in_chunks_lands_with_its_last_chunk(
     chunks = -(-nbytes // CHUNK)
     assert seen[-1] is True and not any(seen[:-1]) and len(seen) <= chunks
     assert plan.is_landed(0)
+
+
+async def test_a_batched_copy_that_fails_as_a_whole_is_a_staging_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """If only the many-at-once copy fails (each tensor copies fine on its
+    own), the error the caller gets is still a StagingError."""
+    sd = small_state()
+    async with replaying(monkeypatch, sd) as stager:
+
+        def broken(*args: Any, **kwargs: Any) -> None:
+            raise RuntimeError("simulated batched copy failure")
+
+        monkeypatch.setattr(torch, "_foreach_copy_", broken)
+        with pytest.raises(StagingError, match="simulated batched copy failure"):
+            await stager.stage(sd)

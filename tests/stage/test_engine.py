@@ -520,3 +520,24 @@ def test_a_reused_buffer_whose_source_shrank_is_an_error_and_the_source_keeps_it
     assert err.value.path == "b"
     assert sd["b"].untyped_storage().nbytes() == 16
     stager.discard(plan)
+
+
+def test_a_batched_copy_that_fails_as_a_whole_is_a_staging_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Small dense tensors are copied many at once; if only that call fails
+    (each copies fine on its own), the caller still gets a StagingError."""
+    stager = StateDictStager()
+    sd = {f"t{i}": torch.randn(10) for i in range(5)}
+    stager.stage(sd)  # reused buffers: copied tensor-to-tensor, not by memmove
+    plan = _plan_of(stager, sd)
+    assert plan.whole
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("simulated batched copy failure")
+
+    monkeypatch.setattr(torch, "_foreach_copy_", broken)
+    with pytest.raises(StagingError, match="at once failed"):
+        for batch in plan.batches(16 << 20):
+            copy_batch(plan.requests, batch, plan.whole)
+    stager.discard(plan)
