@@ -635,13 +635,14 @@ async def load(
             total)``; with ``verify`` after each verified chunk or group of
             small records (``total`` is the bytes of all records), and once
             more with ``(total, total)`` when the state is loaded.
-        direct_io: with ``into``, read each record of at least 512 KiB
-            that is not in the page cache with ``O_DIRECT`` (Linux 6.5+,
-            whose ``cachestat`` tells what the cache holds): at the
-            device's speed, without the CPU time of filling the page cache
-            and copying out of it, and without evicting the job's cached
-            files.  The blocks go straight into tensors that line up with
-            the file, through a small bounce buffer into those that do not.
+        direct_io: with ``into``, and when the page cache holds less than
+            half of the file, read each record of at least 512 KiB that is
+            not in the page cache with ``O_DIRECT`` (Linux 6.5+, whose
+            ``cachestat`` tells what the cache holds): at the device's
+            speed, without the CPU time of filling the page cache and
+            copying out of it, and without evicting the job's cached files.
+            The blocks go straight into tensors that line up with the file,
+            through a small bounce buffer into those that do not.
             What is cached is read from the cache; where the file system
             refuses ``O_DIRECT`` everything goes through the page cache.  A
             plain load always reads through the page cache (into fresh

@@ -15,22 +15,22 @@ It applies to CPU loads of little-endian archives (what aiostage and
 :func:`check_byteorder` or :func:`archive_prefix` raise :class:`Unsupported`
 and ``aiostage.load`` goes through ``torch.load``.
 
-Direct reads: the records of :data:`DIRECT_MIN_BYTES` or more that are not in
-the page cache are read with ``O_DIRECT`` (:class:`DirectReads`): before
-each window (:data:`DIRECT_SYSCALL_BYTES` or :data:`BOUNCE_BYTES`),
-``cachestat`` (Linux 6.5+) tells how much of it the page cache holds, and
-a window it mostly holds, or holds dirty, is read from the cache.  (A
-``preadv`` with ``RWF_NOWAIT`` would tell too, but its miss starts the
-readahead it declines to wait for: the file was then read
-twice, through both paths.)  Where a record's destination memory and its
-file offset agree modulo :data:`~aiostage._persist._archive.DIRECT_ALIGN`,
-its whole blocks are read straight into that memory; elsewhere (tensors
-lie where the allocator put them) they go through a bounce buffer and are
-copied out.  ``aiostage.load`` reads so into existing tensors (``into``)
-only.  A
-cold buffered read on the 2-core VM went at 0.6-2.0 GB/s with 0.2-1.5 s of
-CPU per GiB (page-cache allocation, reclaim, the copy), an ``O_DIRECT``
-read of the same file at the device's 1.4-2.3 GB/s with 0.03 s.
+Direct reads: when the page cache holds less than half of the file, the
+records of :data:`DIRECT_MIN_BYTES` or more that are not in the page cache
+are read with ``O_DIRECT`` (:class:`DirectReads`): before each window
+(:data:`DIRECT_SYSCALL_BYTES` or :data:`BOUNCE_BYTES`), ``cachestat`` (Linux
+6.5+) tells how much of it the page cache holds, and a window it mostly
+holds, or holds dirty, is read from the cache.  (A ``preadv`` with
+``RWF_NOWAIT`` would tell too, but its miss starts the readahead it declines
+to wait for: the file was then read twice, through both paths.)  Where a
+record's destination memory and its file offset agree modulo
+:data:`~aiostage._persist._archive.DIRECT_ALIGN`, its whole blocks are read
+straight into that memory; elsewhere (tensors lie where the allocator put
+them) they go through a bounce buffer and are copied out. ``aiostage.load``
+reads so into existing tensors (``into``) only.  A cold buffered read on the
+2-core VM went at 0.6-2.0 GB/s with 0.2-1.5 s of CPU per GiB (page-cache
+allocation, reclaim, the copy), an ``O_DIRECT`` read of the same file at the
+device's 1.4-2.3 GB/s with 0.03 s.
 """
 
 from __future__ import annotations
