@@ -34,6 +34,7 @@ from aiostage._stage._plan import (
     Segment,
     StagePlan,
     byte_view,
+    copy_failed,
 )
 from aiostage._stage._traverse import format_path
 from aiostage._threads import run_all, run_sync, uncancelled
@@ -97,8 +98,7 @@ def copy_batch(
                     byte_view(req.src, seg.start, seg.stop)
                 )
             except Exception as exc:
-                msg = f"copying {req.nbytes} bytes failed: {exc}"
-                raise StagingError(msg, path=format_path(req.path)) from exc
+                raise copy_failed(req, exc) from exc
         if dsts:
             try:
                 torch._foreach_copy_(dsts, srcs)
@@ -111,8 +111,7 @@ def copy_batch(
                         try:
                             pair[1].copy_(pair[0])
                         except Exception as exc:
-                            msg = f"copying {req.nbytes} bytes failed: {exc}"
-                            raise StagingError(msg, path=format_path(req.path)) from exc
+                            raise copy_failed(req, exc) from exc
                 req = requests[batch.segments[0].request]
                 msg = f"copying {len(dsts)} tensors at once failed: {batched}"
                 raise StagingError(msg, path=format_path(req.path)) from batched
@@ -179,8 +178,7 @@ def _copy_prepared(
                 dsts.append(pair[1])
             elif req.src.nbytes() < seg.stop:  # raw pointers: check the bounds
                 exc = _shrank(req)
-                msg = f"copying {req.nbytes} bytes failed: {exc}"
-                raise StagingError(msg, path=format_path(req.path)) from exc
+                raise copy_failed(req, exc) from exc
             else:
                 at = req.dst.data_ptr() + seg.start
                 _memmove(at, req.src.data_ptr() + seg.start, seg.stop - seg.start)
@@ -352,8 +350,7 @@ class EarlyCopies:
                 _copy_prepared(self._requests, batch, self._whole, srcs, dsts, not self._final)
             except Exception as exc:
                 if not isinstance(exc, StagingError):  # (a batched copy that failed as a whole)
-                    req = self._requests[batch.segments[0].request]
-                    error = StagingError(f"copying failed: {exc}", path=format_path(req.path))
+                    error = copy_failed(self._requests[batch.segments[0].request], exc)
                     error.__cause__ = exc
                     exc = error
                 self._error = self._error or exc

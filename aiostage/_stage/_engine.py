@@ -27,10 +27,9 @@ from typing import Any, NamedTuple, TypeVar, cast
 
 import torch
 
-from aiostage._exceptions import StagingError
 from aiostage._memory import MMAP_MIN_BYTES, mapped_storage
 from aiostage._stage._options import accelerator_available
-from aiostage._stage._plan import CopyRequest, StagePlan, byte_view
+from aiostage._stage._plan import CopyRequest, StagePlan, byte_view, copy_failed
 from aiostage._stage._traverse import (
     _ATOMIC,
     _PLAIN_TENSORS,
@@ -520,9 +519,7 @@ class StateDictStager:
                 if req.nbytes:
                     byte_view(req.dst).copy_(byte_view(req.src), non_blocking=non_blocking)
             except Exception as exc:
-                raise StagingError(
-                    f"copying {req.nbytes} bytes failed: {exc}", path=format_path(req.path)
-                ) from exc
+                raise copy_failed(req, exc) from exc
 
     def cache_info(self) -> CacheInfo:
         """How many staging storages are cached, and their total bytes."""

@@ -18,11 +18,14 @@ from typing import Any, NamedTuple
 import anyio
 import torch
 
+from aiostage._exceptions import StagingError
+from aiostage._stage._traverse import format_path
+
 #: At most this many segments in one batch, so that per-batch bookkeeping (in
 #: the copy thread and on the loop) stays short for states of tiny tensors.
 MAX_SEGMENTS = 1024
 
-__all__ = ["CopyBatch", "CopyRequest", "Segment", "StagePlan", "byte_view"]
+__all__ = ["CopyBatch", "CopyRequest", "Segment", "StagePlan", "byte_view", "copy_failed"]
 
 _request_nbytes = operator.attrgetter("nbytes")
 
@@ -47,6 +50,12 @@ class CopyRequest(NamedTuple):
     path: tuple[Any, ...]
     pin: bool = False
     fresh: bool = False
+
+
+def copy_failed(req: CopyRequest, exc: BaseException) -> StagingError:
+    """The error for a failed copy of ``req``'s storage, naming a tensor on it
+    (raise it ``from exc``)."""
+    return StagingError(f"copying {req.nbytes} bytes failed: {exc}", path=format_path(req.path))
 
 
 class Segment(NamedTuple):
