@@ -467,7 +467,7 @@ async def _read_state(
                 await run_sync(_records.read_batch, path, fd, batch, direct)
 
         threads = READ_THREADS
-        if direct.fd is not None and direct.cold:
+        if direct.fd is not None:  # (only opened for a file mostly not cached)
             threads = max(threads, COLD_READ_THREADS)
         await run_all([reader] * min(threads, max(1, len(batches))))
 

@@ -262,8 +262,6 @@ class DirectReads:
         self._closed_fd: int | None = None
         self._bounces: dict[int, torch.UntypedStorage] = {}
         self._lock = threading.Lock()
-        self.cold = False
-        """Whether, when opened, the page cache held less than half the file."""
 
     def open(self, path: str, fd: int) -> None:
         """Open ``path`` (open as ``fd``) again with ``O_DIRECT`` where the
@@ -273,8 +271,7 @@ class DirectReads:
         whole = page_cache_state(fd, 0, 0)
         if not flag or whole is None:
             return
-        self.cold = 2 * whole[0] * DIRECT_ALIGN < os.fstat(fd).st_size
-        if self.cold:
+        if 2 * whole[0] * DIRECT_ALIGN < os.fstat(fd).st_size:  # mostly not cached
             with contextlib.suppress(OSError):  # EINVAL: not supported here
                 self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | flag)
 
