@@ -19,7 +19,6 @@ import time
 import warnings
 import weakref
 from bisect import bisect_left
-from collections import OrderedDict
 from collections.abc import Callable, Generator
 from itertools import repeat
 from operator import eq, is_
@@ -30,10 +29,10 @@ import torch
 from aiostage._memory import MMAP_MIN_BYTES, mapped_storage
 from aiostage._stage._options import accelerator_available
 from aiostage._stage._plan import CopyRequest, StagePlan, byte_view, copy_failed
+from aiostage._stage._shape import Shape, TimeSlice
 from aiostage._stage._traverse import (
     _ATOMIC,
     _PLAIN_TENSORS,
-    ROOT,
     Path,
     Traversal,
     check_stageable,
@@ -265,66 +264,34 @@ class _TensorCache:
         self._entries.clear()
 
 
-_REPLAY_KINDS = (dict, OrderedDict)
-
-
-def _copy_metadata(
-    obj: Any, budget_s: float | None
-) -> Generator[None, None, OrderedDict[str, dict[str, Any]] | None]:
-    """A copy of ``obj._metadata`` if that is ``obj``'s only attribute and
-    it is what ``nn.Module.state_dict()`` attaches (an ``OrderedDict`` of
-    dicts of atomic values); otherwise None (the replay does not apply).
-
-    A generator that yields like the traversal (about every ``budget_s``):
-    a large model has one entry per module.
-    """
-    attrs = obj.__dict__
-    metadata = attrs.get("_metadata")
-    if len(attrs) != 1 or type(metadata) is not OrderedDict:
-        return None
-    out: OrderedDict[str, dict[str, Any]] = OrderedDict()
-    deadline = float("inf") if budget_s is None else time.perf_counter() + budget_s
-    for n, (key, value) in enumerate(list(metadata.items())):
-        if type(key) is not str or type(value) is not dict:
-            return None
-        if not all(type(v) in _ATOMIC for v in value.values()):
-            return None
-        out[key] = dict(value)
-        if n % _REPLAY_TICK == 0 and time.perf_counter() >= deadline:
-            yield
-            deadline = time.perf_counter() + (budget_s or 0.0)
-    return out
-
-
 class _Replay:
-    """How the last successful plan staged a flat dict, to stage it again fast.
+    """How the last successful plan staged a state, to stage it again fast.
 
-    States are usually staged again and again with a dict of the same keys
-    over the same storages: the same dict, or a new one of new tensor
-    objects, as ``model.state_dict()`` returns each call.  For a ``dict``
-    whose values are plain tensors (without attributes, conjugate or
-    negative bits) or atomic values, the engine keeps, per key, what it
-    checked and built: the source tensor's type, its storage (weakly), its
-    dtype and geometry, its staging storage, the staged tensor and its
-    request number.  The next plan of a dict with the same keys, in the same
-    order, then checks each tensor against that record and rebuilds the plan
-    from it without a traversal; any difference (another type or storage,
-    dtype, offset, size, stride or ``requires_grad``, a resized storage, an
-    attribute, a staged result the caller changed in place) abandons the
-    replay and the full plan runs instead.
+    States are usually staged again and again built the same way over the
+    same storages: the same objects, or new ones of new tensor objects, as
+    ``model.state_dict()`` returns each call.  For a state of dicts, lists
+    and tuples (see :class:`~aiostage._stage._shape.Shape`) whose leaves are
+    plain tensors (without attributes, conjugate or negative bits) or atomic
+    values, the engine keeps the shape of its containers and, per tensor,
+    what it checked and built: the source tensor's type, its storage
+    (weakly), its dtype and geometry, its staging storage, the staged tensor
+    and its request number.  The next plan of a state of the same shape (the
+    same container types, lengths and keys, in the same order) then checks
+    each tensor against that record and rebuilds the plan from it without a
+    traversal; any difference (another type or storage, dtype, offset, size,
+    stride or ``requires_grad``, a resized storage, an attribute, a staged
+    result the caller changed in place) abandons the replay and the full
+    plan runs instead.
 
     When a recorded source storage dies the record is dropped at once, so it
     does not keep staging memory alive.  Records reference this object only
     through the weak references' callback; :meth:`kill` breaks that cycle.
     """
 
-    __slots__ = ("by_device", "by_dst", "keys", "kind", "mixed", "records")
+    __slots__ = ("by_device", "by_dst", "mixed", "records", "shape")
 
-    def __init__(
-        self, kind: type, keys: list[Any], by_dst: dict[int, int], mixed: str | None
-    ) -> None:
-        self.kind = kind  # dict, or the OrderedDict of a module's state_dict()
-        self.keys = keys
+    def __init__(self, shape: Shape, by_dst: dict[int, int], mixed: str | None) -> None:
+        self.shape = shape
         self.by_dst = by_dst
         self.mixed = mixed
         # The same source storages (checked) are on the same devices.
@@ -365,8 +332,9 @@ class _Columns:
     )
 
     def __init__(self) -> None:
-        self.atomic: list[int] = []  # positions of atomic values in the dict
-        self.positions: list[int] = []  # positions of the tensors
+        # Positions in the state's leaves (see Shape.flatten):
+        self.atomic: list[int] = []  # of the atomic values
+        self.positions: list[int] = []  # of the tensors
         # The source storages, weakly: their death drops the records at once
         # (the source *tensors* may be new objects every call, as
         # ``model.state_dict()`` makes them).
@@ -395,7 +363,7 @@ class _Columns:
         self.complex = False  # any tensor of a complex dtype
 
 
-#: Check the clock every this many values while recording a replay.
+#: Check the clock every this many leaves while recording a replay.
 _REPLAY_TICK = 64
 #: Check this many tensors at a time in a replay (a few hundred microseconds).
 _REPLAY_BLOCK = 128
@@ -686,27 +654,25 @@ class StateDictStager:
         mixed: str | None,
         budget_s: float | None,
     ) -> Generator[None, None, _Replay | None]:
-        """The :class:`_Replay` of a fresh plan of a flat dict, or None.
+        """The :class:`_Replay` of a fresh plan, or None if none applies.
 
         A generator that yields like the traversal (about every ``budget_s``).
         """
-        kind = type(obj)
-        if kind not in _REPLAY_KINDS or type(result) is not kind or len(result) != len(obj):
+        if budget_s is not None:
+            yield  # the traversal may have used up its slice
+        clock = TimeSlice(budget_s)
+        recorded = yield from Shape.record(obj, result, clock)
+        if recorded is None:
             return None
-        if getattr(obj, "__dict__", None) and (yield from _copy_metadata(obj, budget_s)) is None:
-            return None
-        items = list(obj.items())  # the caller's loop may run in between
-        replay = _Replay(kind, [key for key, _ in items], by_dst, mixed)
+        shape, values, outs, paths = recorded
+        replay = _Replay(shape, by_dst, mixed)
         kill = replay.kill
         tensor_entry = self._tensors.get
         storage_entry = self._cache._entries.get
         cols = _Columns()
         created = 0
-        deadline = float("inf")
-        if budget_s is not None:
-            yield  # the traversal may have used up its slice
-            deadline = time.perf_counter() + budget_s
-        for position, (key, value) in enumerate(items):
+        deadline = clock.deadline
+        for position, value in enumerate(values):
             if position % _REPLAY_TICK == 0 and time.perf_counter() >= deadline:
                 yield
                 deadline = time.perf_counter() + (budget_s or 0.0)
@@ -722,7 +688,7 @@ class StateDictStager:
             ):
                 return None
             entry = tensor_entry(value)
-            if entry is None or entry.staged is not result.get(key, None):
+            if entry is None or entry.staged is not outs[position]:
                 return None
             index = by_dst.get(entry.dst_key)
             if index is None or index > created:
@@ -750,7 +716,7 @@ class StateDictStager:
             cols.dsts.append(req.dst)
             cols.nbytes.append(req.nbytes)
             cols.staged.append(entry.staged)
-            cols.paths.append((ROOT, key))
+            cols.paths.append(paths[position])
             if entry.plain is None:
                 cols.writes.append(entry.staged)
             else:
@@ -782,25 +748,26 @@ class StateDictStager:
         of a Python loop per tensor.
         """
         cols = replay.records
-        if cols is None or type(obj) is not replay.kind or not isinstance(obj, dict):
+        if cols is None:
             return None
-        if len(obj) != len(replay.keys):
+        clock = TimeSlice(budget_s)
+        flat = yield from replay.shape.flatten(obj, clock)
+        if flat is None or replay.records is not cols:  # (a source died meanwhile)
             return None
-        metadata = None
-        if getattr(obj, "__dict__", None):
-            metadata = yield from _copy_metadata(obj, budget_s)
-            if metadata is None:
-                return None
-        keys = list(obj)
-        if keys != replay.keys:
-            return None
-        values = list(obj.values())
-        if cols.atomic:
-            if not all(type(values[i]) in _ATOMIC for i in cols.atomic):
-                return None
-            tensors = [values[i] for i in cols.positions]
-        else:
-            tensors = values
+        values, per_node, metas = flat
+        deadline = clock.deadline
+        tensors = values
+        if cols.atomic:  # the leaves mix tensors and atomic values: sort them out
+            tensors = []
+            pick = values.__getitem__
+            for a in range(0, max(len(cols.atomic), len(cols.positions)), _REPLAY_BLOCK * 8):
+                b = a + _REPLAY_BLOCK * 8
+                if not all(map(_ATOMIC.__contains__, map(type, map(pick, cols.atomic[a:b])))):
+                    return None
+                tensors += map(pick, cols.positions[a:b])
+                if time.perf_counter() >= deadline:
+                    yield
+                    deadline = time.perf_counter() + (budget_s or 0.0)
         count = len(tensors)
         if count != len(cols.refs):
             return None
@@ -823,7 +790,6 @@ class StateDictStager:
         requests: list[Any] = [None] * count if stream else []
         whole: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         srcs: list[Any] = [None] * count
-        deadline = float("inf") if budget_s is None else time.perf_counter() + budget_s
         for a in cols.blocks:
             b = min(a + _REPLAY_BLOCK, count)
             ts = tensors[a:b]
@@ -916,18 +882,16 @@ class StateDictStager:
                     deadline = time.perf_counter() + (budget_s or 0.0)
         out = cols.staged
         if cols.atomic:
-            out = list(values)
-            for position, y in zip(cols.positions, cols.staged, strict=True):
-                out[position] = y
-        result: dict[Any, Any] = replay.kind()
-        if metadata is not None:
-            result._metadata = metadata  # type: ignore[attr-defined]
-        for a in range(0, len(keys), _REPLAY_BLOCK):
-            b = a + _REPLAY_BLOCK
-            result.update(zip(keys[a:b], out[a:b], strict=True))
-            if time.perf_counter() >= deadline:
-                yield
-                deadline = time.perf_counter() + (budget_s or 0.0)
+            out = values  # (flatten's own list) with the staged tensors in place
+            for a in range(0, len(cols.positions), _REPLAY_BLOCK * 8):
+                b = a + _REPLAY_BLOCK * 8
+                for position, y in zip(cols.positions[a:b], cols.staged[a:b], strict=True):
+                    out[position] = y
+                if time.perf_counter() >= deadline:
+                    yield
+                    deadline = time.perf_counter() + (budget_s or 0.0)
+        clock.deadline = deadline
+        result = yield from replay.shape.build(out, per_node, metas, clock)
         if len(requests) != len(replay.by_dst):
             return None
         self._cache.drop_spares()

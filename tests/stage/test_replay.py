@@ -1,18 +1,23 @@
-"""The engine's replay of a flat dict staged again: it must never go stale.
+"""The engine's replay of a state staged again: it must never go stale.
 
-After a successful stage of a dict of plain tensors and atomic values, the
-next stage of a dict with the same keys checks each tensor against a record
-and rebuilds the plan without a traversal.  Each test changes something
-between calls and checks the result is still an exact copy of the source.
+After a successful stage of a state of dicts, lists and tuples over plain
+tensors and atomic values, the next stage of a state of the same shape checks
+each tensor against a record and rebuilds the plan without a traversal.  Each
+test changes something between calls and checks the result is still an exact
+copy of the source, for a flat dict and for the same dict nested deeper.
 """
 
 from __future__ import annotations
 
 import gc
+import random
+from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
+from _compare import assert_same
 
 import aiostage
 from aiostage import StateDictStager
@@ -54,13 +59,27 @@ def state() -> dict[str, Any]:
     }
 
 
-def stage_twice(stager: StateDictStager, sd: dict[str, Any]) -> dict[str, Any]:
-    stager.stage(sd)
+#: Where the dict under test sits in the state staged: a new state is built
+#: around it for every call, as a trainer builds {"model": ..., "step": ...}.
+#: Each entry: (build the state around the dict, find the dict in a copy).
+WRAPS: dict[str, tuple[Callable[[Any], Any], Callable[[Any], Any]]] = {
+    "flat": (lambda sd: sd, lambda out: out),
+    "nested": (lambda sd: {"model": sd, "step": 1}, lambda out: out["model"]),
+    "deep": (
+        lambda sd: {"a": [0, {"b": (sd, "x"), "c": []}], "betas": (0.9, 0.99)},
+        lambda out: out["a"][1]["b"][0],
+    ),
+}
+
+
+def stage_twice(stager: StateDictStager, sd: dict[str, Any], wrap: str = "flat") -> dict[str, Any]:
+    around, within = WRAPS[wrap]
+    stager.stage(around(sd))
     replay = stager._replay
     assert replay is not None
-    out = stager.stage(sd)
+    out = stager.stage(around(sd))
     assert stager._replay is replay  # the second call replayed the record (and kept it)
-    return out
+    return within(out)  # type: ignore[no-any-return]
 
 
 def test_a_replayed_stage_returns_the_same_objects_with_fresh_bytes() -> None:
@@ -103,10 +122,12 @@ def test_a_replayed_stage_returns_the_same_objects_with_fresh_bytes() -> None:
         "same_geometry_other_type",
     ],
 )
-def test_a_change_between_calls_is_staged_exactly(change: str) -> None:
+@pytest.mark.parametrize("wrap", list(WRAPS))
+def test_a_change_between_calls_is_staged_exactly(change: str, wrap: str) -> None:
+    around, within = WRAPS[wrap]
     stager = StateDictStager()
     sd = state()
-    stage_twice(stager, sd)
+    stage_twice(stager, sd, wrap)
     if change == "replace_tensor":
         sd["a"] = torch.randn(5)
     elif change == "add_key":
@@ -146,7 +167,7 @@ def test_a_change_between_calls_is_staged_exactly(change: str) -> None:
     elif change == "same_geometry_other_type":  # another object on the same bytes
         keep = sd["a"]
         sd["a"] = torch.nn.Parameter(keep, requires_grad=False)
-    out = stager.stage(sd)
+    out = within(stager.stage(around(sd)))
     if change == "attribute":
         assert out["a"].note == "added"
     if change == "tensor_to_object":
@@ -160,7 +181,7 @@ def test_a_change_between_calls_is_staged_exactly(change: str) -> None:
     for value in sd.values():
         if isinstance(value, torch.Tensor):
             value.data.add_(1)
-    out = stager.stage(sd)
+    out = within(stager.stage(around(sd)))
     assert_copy(out, sd)
     assert_cached(stager, out, sd)
 
@@ -168,14 +189,16 @@ def test_a_change_between_calls_is_staged_exactly(change: str) -> None:
 @pytest.mark.parametrize(
     "change", ["unsqueeze", "t", "shrink", "set", "requires_grad", "attribute"]
 )
-def test_a_replayed_result_changed_in_place_is_not_handed_out_again(change: str) -> None:
+@pytest.mark.parametrize("wrap", list(WRAPS))
+def test_a_replayed_result_changed_in_place_is_not_handed_out_again(change: str, wrap: str) -> None:
+    around, within = WRAPS[wrap]
     stager = StateDictStager()
     sd = {
         "m": torch.arange(6.0).reshape(2, 3),
         "v": torch.arange(6.0),
         "p": torch.nn.Parameter(torch.randn(2, 2)),
     }
-    out = stage_twice(stager, sd)
+    out = stage_twice(stager, sd, wrap)
     if change == "unsqueeze":
         out["m"].unsqueeze_(0)
     elif change == "t":
@@ -189,7 +212,7 @@ def test_a_replayed_result_changed_in_place_is_not_handed_out_again(change: str)
         out["p"].requires_grad_(False)
     elif change == "attribute":
         out["m"].note = "mine"
-    again = stager.stage(sd)
+    again = within(stager.stage(around(sd)))
     assert not hasattr(again["m"], "note")
     assert_copy(again, sd)
 
@@ -321,3 +344,234 @@ def test_a_new_view_with_a_conjugate_or_negative_bit_is_not_replayed(bit: str) -
     assert torch.equal(out["x"], view)
     back = stager.stage({"x": x})  # and back to the plain tensor
     assert torch.equal(back["x"], x) and not back["x"].is_conj() and not back["x"].is_neg()
+
+
+# -- nested states --------------------------------------------------------------
+
+
+def assert_like_traversal(got: Any, want: Any) -> None:
+    """``got`` is the copy ``want`` is (``want``: a fresh stager's traversal
+    of the same state): the same containers, keys, tensors and bits, the same
+    module metadata, and the same objects shared in the same places (also
+    where a container holds itself)."""
+    firsts: tuple[dict[int, str], dict[int, str]] = ({}, {})
+
+    def first(side: int, key: int, where: str) -> str:
+        return firsts[side].setdefault(key, where)
+
+    def walk(a: Any, b: Any, where: str) -> None:
+        assert type(a) is type(b), where
+        if isinstance(b, torch.Tensor):
+            assert first(0, id(a), where) == first(1, id(b), where), where
+            storages = (a.untyped_storage().data_ptr(), b.untyped_storage().data_ptr())
+            assert first(0, storages[0], where) == first(1, storages[1], where), where
+            assert_same(a, b, where)
+            assert (a.is_conj(), a.is_neg()) == (b.is_conj(), b.is_neg()), where
+            return
+        if not isinstance(b, dict | list | tuple):
+            assert a == b, where
+            return
+        containers = torch.Tensor | dict | list | tuple
+        if type(b) is tuple and not any(isinstance(v, containers) for v in b):
+            assert a == b, where  # (atomic values: the traversal hands out the tuple itself)
+            return
+        seen = (first(0, id(a), where), first(1, id(b), where))
+        assert seen[0] == seen[1], where
+        if seen[1] != where:
+            return  # reached before: compared there
+        assert len(a) == len(b), where
+        if isinstance(b, dict):
+            assert list(a) == list(b), where
+            assert getattr(a, "_metadata", None) == getattr(b, "_metadata", None), where
+            for key in b:
+                walk(a[key], b[key], f"{where}.{key}")
+        else:
+            for i, (x, y) in enumerate(zip(a, b, strict=True)):
+                walk(x, y, f"{where}.{i}")
+
+    walk(got, want, "<root>")
+
+
+def test_a_model_and_optimizer_checkpoint_replays_step_after_step() -> None:
+    """{"model": ..., "optim": ..., "step": ...} built anew every step, the
+    usual checkpoint: after the optimizer's first step it replays."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    optim = torch.optim.AdamW(
+        [
+            {"params": list(model[0].parameters())},
+            {"params": list(model[2].parameters()), "lr": 1e-2},
+        ]
+    )
+    stager = StateDictStager()
+    replays = []
+    for step in range(5):
+        model(torch.randn(3, 4)).sum().backward()
+        optim.step()
+        optim.zero_grad()
+        state = {"model": model.state_dict(), "optim": optim.state_dict(), "step": step}
+        before = stager._replay
+        out = stager.stage(state)
+        replays.append(before is not None and stager._replay is before)
+        assert_like_traversal(out, StateDictStager().stage(state))
+        betas = state["optim"]["param_groups"][0]["betas"]
+        assert out["optim"]["param_groups"][0]["betas"] is betas
+    assert replays == [False, True, True, True, True]
+
+
+def test_a_container_shared_since_the_record_is_shared_in_the_copy() -> None:
+    stager = StateDictStager()
+    t = torch.ones(2)
+    sd = {"a": {"w": t}, "b": {"w": t}}  # two dicts over the same tensor
+    stage_twice(stager, sd)
+    sd["b"] = sd["a"]  # now one dict, twice: every leaf is as recorded
+    out = stager.stage(sd)
+    assert out["b"] is out["a"]
+    assert_like_traversal(out, StateDictStager().stage(sd))
+
+
+def test_keys_equal_to_the_recorded_ones_are_the_callers_keys() -> None:
+    stager = StateDictStager()
+    t = torch.ones(2)
+    stage_twice(stager, {"state": {1: t, 2: 3}}, "nested")
+    out = stager.stage({"model": {"state": {1.0: t, True + 1: 3}}, "step": 1})
+    keys = list(out["model"]["state"])
+    assert keys == [1, 2] and type(keys[0]) is float
+
+
+def test_an_attribute_on_a_nested_ordered_dict_is_staged() -> None:
+    stager = StateDictStager()
+    inner: OrderedDict[str, Any] = OrderedDict(w=torch.ones(2))
+    stage_twice(stager, {"inner": inner}, "nested")
+    inner.note = torch.zeros(3)  # type: ignore[attr-defined]
+    out = stager.stage({"model": {"inner": inner}, "step": 1})["model"]["inner"]
+    assert torch.equal(out.note, torch.zeros(3))
+    assert out.note.untyped_storage() is not inner.note.untyped_storage()  # type: ignore[attr-defined]
+
+
+def test_a_recursive_state_after_a_replayed_one_is_staged_exactly() -> None:
+    stager = StateDictStager()
+    inner: list[Any] = [torch.ones(2), 1]
+    sd: dict[str, Any] = {"x": inner}
+    stage_twice(stager, sd)
+    inner[1] = inner  # a container in itself, where an atomic value was
+    out = stager.stage(sd)
+    assert out["x"][1] is out["x"]
+    assert torch.equal(out["x"][0], inner[0])
+
+
+class _Fuzz:
+    """Random nested states and random changes between stages."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = random.Random(seed)
+        self.bases = [torch.randn(self.rng.randint(1, 40)) for _ in range(3)]
+        self.betas = (0.9, 0.99)
+
+    def leaf(self) -> Any:
+        rng = self.rng
+        r = rng.random()
+        if r < 0.35:
+            return torch.randn(rng.randint(0, 5))
+        if r < 0.5:
+            base = rng.choice(self.bases)
+            start = rng.randint(0, base.numel() - 1)
+            return base[start : start + rng.randint(0, 3)]
+        if r < 0.55:
+            return torch.nn.Parameter(torch.randn(2), requires_grad=rng.random() < 0.5)
+        if r < 0.6:
+            return torch.tensor(rng.randint(0, 9))
+        if r < 0.7:
+            return self.betas
+        return rng.choice([1, 2.5, "s", None, True, torch.float16])
+
+    def node(self, depth: int) -> Any:
+        rng = self.rng
+        if depth >= 4 or rng.random() < 0.3:
+            return self.leaf()
+        kind = rng.choice(["dict", "module", "list", "tuple"])
+        items = [self.node(depth + 1) for _ in range(rng.randint(0, 5))]
+        if kind == "dict":
+            return {(f"k{i}" if rng.random() < 0.8 else i): v for i, v in enumerate(items)}
+        if kind == "module":
+            out = OrderedDict((f"m{i}", v) for i, v in enumerate(items))
+            out._metadata = OrderedDict({"": {"version": 1}})  # type: ignore[attr-defined]
+            return out
+        return items if kind == "list" else tuple(items)
+
+    def state(self) -> dict[str, Any]:
+        return {f"r{i}": self.node(1) for i in range(self.rng.randint(1, 5))}
+
+    def slots(self, obj: Any, out: list[tuple[Any, Any]], seen: set[int]) -> None:
+        """Every (container, key) a change can write to (dicts and lists)."""
+        if not isinstance(obj, dict | list | tuple) or id(obj) in seen:
+            return
+        seen.add(id(obj))
+        items = obj.items() if isinstance(obj, dict) else enumerate(obj)
+        for key, value in items:
+            if not isinstance(obj, tuple):
+                out.append((obj, key))
+            self.slots(value, out, seen)
+
+    def change(self, state: dict[str, Any]) -> str:
+        rng = self.rng
+        how = rng.choice(["none", "none", "leaf", "add", "remove", "retype", "share", "resize"])
+        slots: list[tuple[Any, Any]] = []
+        self.slots(state, slots, set())
+        parent, key = rng.choice(slots)
+        value = parent[key]
+        if how == "leaf":
+            parent[key] = self.leaf()
+        elif how == "add":
+            if isinstance(value, dict):
+                value[f"new{rng.random()}"] = self.leaf()
+            elif isinstance(value, list):
+                value.append(self.leaf())
+        elif how == "remove" and isinstance(value, dict | list) and len(value):
+            value.pop(next(iter(value)) if isinstance(value, dict) else -1)
+        elif how == "retype" and type(value) in (list, tuple):
+            parent[key] = tuple(value) if type(value) is list else list(value)
+        elif how == "share":
+            containers = [p[k] for p, k in slots if isinstance(p[k], dict | list)]
+            if containers:
+                parent[key] = rng.choice(containers)
+        elif how == "resize" and type(value) is torch.Tensor and value.dim() == 1:
+            value.resize_(value.numel() + 1)
+            value[-1:] = 3
+        return how
+
+
+def bump(obj: Any, seen: set[int]) -> None:
+    """Change every tensor's bytes in place."""
+    if isinstance(obj, torch.Tensor):
+        if id(obj) not in seen:
+            seen.add(id(obj))
+            with torch.no_grad():
+                obj.add_(1)
+    elif isinstance(obj, dict | list | tuple) and id(obj) not in seen:
+        seen.add(id(obj))
+        for value in obj.values() if isinstance(obj, dict) else obj:
+            bump(value, seen)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_nested_states_changed_at_random_are_staged_exactly(seed: int) -> None:
+    """Against a fresh stager's traversal of the same state, stage after
+    stage; the unchanged stages replay."""
+    fuzz = _Fuzz(seed)
+    state = fuzz.state()
+    stager = StateDictStager()
+    stager.stage(state)
+    replayed = 0
+    for _ in range(6):
+        how = fuzz.change(state)
+        bump(state, set())
+        before = stager._replay
+        out = stager.stage(state)
+        assert_like_traversal(out, StateDictStager().stage(state))
+        if before is not None and stager._replay is before:
+            replayed += 1
+        elif how == "none":
+            assert before is None, "an unchanged state that replayed before did not replay"
+    if seed == 0:
+        assert replayed, "the replay never ran"
