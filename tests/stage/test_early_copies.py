@@ -87,15 +87,23 @@ class CopySpy:
         self.waited: list[bool] = []
 
     def wait_at_first_turn(self) -> None:
-        """At the first turn the loop gets during a plan, wait for a copy to
-        begin: it can only be one of the blocks checked so far."""
+        """At the first turn the loop gets during a plan after a block of
+        tensors passed its checks, wait for a copy to begin: it can only be
+        one of the blocks checked so far."""
         real_turn = _stagers._let_timers_run
+        real_checked = _cpu_copy.EarlyCopies.checked
+        checked = threading.Event()
+
+        def on_checked(early: Any, *args: Any) -> None:
+            real_checked(early, *args)
+            checked.set()
 
         async def turn() -> None:
-            if not self.waited:
+            if not self.waited and checked.is_set():
                 self.waited.append(await anyio.to_thread.run_sync(self.started.wait, 10))
             await real_turn()
 
+        self._monkeypatch.setattr(_cpu_copy.EarlyCopies, "checked", on_checked)
         self._monkeypatch.setattr(_stagers, "_let_timers_run", turn)
 
 
@@ -262,6 +270,46 @@ async def test_save_of_a_replayed_state_writes_what_landed(
     assert spy.during_plan >= 1
     loaded = await aiostage.load(tmp_path / "b.pt")
     assert_exact(loaded, sd)
+
+
+async def test_a_replayed_nested_state_copies_early_saves_exactly_and_names_paths(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The usual checkpoint, {"model": ..., "optim": ..., "step": ...} built
+    anew each time, replays with early copies like a flat dict."""
+    model = small_state(300)
+    moments = {i: {"exp_avg": torch.full((64,), -float(i))} for i in range(300)}
+
+    def checkpoint(step: int) -> dict[str, Any]:
+        return {"model": dict(model), "optim": {"state": moments}, "step": step}
+
+    monkeypatch.setattr(_stagers, "TRAVERSAL_BUDGET_S", 0.0)
+    async with DefaultStager(StagingOptions(chunk_bytes=CHUNK)) as stager:
+        await (await stager.save(checkpoint(1), tmp_path / "a.pt")).wait()
+        replay = stager._engine._replay
+        spy = CopySpy(monkeypatch)
+        spy.wait_at_first_turn()
+        for value in model.values():
+            value.add_(10)
+        await (await stager.save(checkpoint(2), tmp_path / "b.pt")).wait()
+        assert replay is not None and stager._engine._replay is replay
+        assert spy.waited == [True], "no copy started while the plan was being checked"
+        assert spy.during_plan >= 1
+        loaded = await aiostage.load(tmp_path / "b.pt")
+        assert loaded["step"] == 2
+        assert_exact(loaded["model"], model)
+        for i, moment in moments.items():
+            assert torch.equal(loaded["optim"]["state"][i]["exp_avg"], moment["exp_avg"]), i
+
+        def broken(*args: Any, **kwargs: Any) -> None:
+            raise RuntimeError("simulated copy failure")
+
+        monkeypatch.setattr(torch, "_foreach_copy_", broken)
+        monkeypatch.setattr(torch.Tensor, "copy_", broken)
+        with pytest.raises(StagingError, match="simulated copy failure") as info:
+            await stager.stage(checkpoint(3))
+        assert info.value.path is not None
+        assert info.value.path.startswith(("model.layer", "optim.state."))
 
 
 async def test_a_request_cut_in_chunks_lands_with_its_last_chunk(
