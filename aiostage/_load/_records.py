@@ -165,6 +165,7 @@ def plan_reads(
     batches: list[ReadBatch] = []
     parts: list[tuple[torch.UntypedStorage | None, int, int]] = []
     start = end = 0
+    turn = GilTurns()  # (tens of thousands of records: microseconds each)
 
     def flush() -> None:
         nonlocal parts
@@ -173,6 +174,7 @@ def plan_reads(
             parts = []
 
     for key, e in records:
+        turn()
         if targets is not None and key in targets:
             storage, base = targets[key]
         else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import stat
 import sys
@@ -233,3 +234,84 @@ async def test_mmap_load_slices_one_mapping_of_the_file(
     # Both storages lie in one mapping, as far apart as their records are.
     ptr_gap = b.untyped_storage().data_ptr() - w.untyped_storage().data_ptr()
     assert ptr_gap in {offsets[x] - offsets[y] for x in records for y in records if x != y}
+
+
+async def test_the_pickle_is_unpickled_while_the_records_are_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read waits for the unpickler to have begun: were the two steps in
+    sequence (reads first), the read would time out and the load fail."""
+    sd = {f"t{i}": torch.full((64,), float(i)) for i in range(50)}
+    path = await aiostage.persist(sd, tmp_path / "ckpt.pt")
+    unpickling = threading.Event()
+    overlapped: list[bool] = []
+    real_read, real_unpickle = _records.read_batch, _records.unpickle
+
+    def read_batch(*args: Any) -> None:
+        overlapped.append(unpickling.wait(timeout=10))
+        real_read(*args)
+
+    def unpickle(*args: Any) -> Any:
+        unpickling.set()
+        return real_unpickle(*args)
+
+    monkeypatch.setattr(_records, "read_batch", read_batch)
+    monkeypatch.setattr(_records, "unpickle", unpickle)
+    loaded = await aiostage.load(path)
+    assert overlapped and all(overlapped)
+    assert_same(loaded, sd)
+
+
+async def test_an_unpickling_error_stops_the_reads_and_is_raised(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = await aiostage.persist({"w": torch.randn(1_000_000)}, tmp_path / "ckpt.pt")
+    small_read_batches(monkeypatch, 64 * 1024)
+    failed = threading.Event()
+    batches_after: list[bool] = []
+    real_read = _records.read_batch
+
+    def read_batch(*args: Any) -> None:
+        batches_after.append(failed.is_set())
+        real_read(*args)
+
+    def unpickle(*args: Any) -> Any:
+        failed.set()
+        raise CorruptCheckpointError("simulated bad pickle", path=str(path))
+
+    monkeypatch.setattr(_records, "read_batch", read_batch)
+    monkeypatch.setattr(_records, "unpickle", unpickle)
+    with pytest.raises(CorruptCheckpointError, match="simulated bad pickle"):
+        await aiostage.load(path)
+    # Reads stop soon after the failure: at most the batches then in flight.
+    assert batches_after.count(True) <= _reader.READ_THREADS
+    assert len(batches_after) < 62
+
+
+@pytest.mark.parametrize("mode", ["plain", "into", "mmap"])
+async def test_the_garbage_collector_is_paused_while_a_load_unpickles(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    """Unpickling tens of thousands of tensors made three full collections
+    of about 0.1 s each on the loop's thread, one load; paused, none."""
+    sd = {f"t{i}": torch.full((4,), float(i)) for i in range(10)}
+    path = await aiostage.persist(sd, tmp_path / "ckpt.pt")
+    enabled: list[bool] = []
+    real_unpickle = _records.unpickle
+
+    def unpickle(*args: Any) -> Any:
+        enabled.append(gc.isenabled())
+        return real_unpickle(*args)
+
+    monkeypatch.setattr(_records, "unpickle", unpickle)
+    assert gc.isenabled()
+    if mode == "plain":
+        loaded = await aiostage.load(path)
+    elif mode == "mmap":
+        loaded = await aiostage.load(path, mmap=True)
+    else:
+        into = {k: torch.zeros(4) for k in sd}
+        loaded = await aiostage.load(path, into=into)
+    assert enabled == [False]
+    assert gc.isenabled()  # and on again afterwards
+    assert_same(loaded, sd)
