@@ -1,4 +1,4 @@
-"""Pause the cyclic garbage collector while a stage runs.
+"""Pause the cyclic garbage collector while a stage or a load runs.
 
 A stage of tens of thousands of tensors builds as many short-lived objects
 (copy requests, segments, batches) that live exactly as long as the stage.
@@ -12,8 +12,13 @@ the stage ends, before any collection sees them: over 10 stages of 20,000
 tensors, 6 full collections of 27-33 ms without the pause, none with it
 (and the loop's longest gap 2.5-3.2 ms instead of up to 33 ms).
 
-The pause is process-wide (``gc.disable()``), nests (several stages at
-once), and lasts one stage: garbage other code makes meanwhile is
+A load of as many tensors makes them (and their containers) while it
+unpickles, all alive until it returns: without the pause, three full
+collections of 80-110 ms each held the loop during one load of 20,000
+tensors; with it, one young collection of 8-10 ms after it returns.
+
+The pause is process-wide (``gc.disable()``), nests (several stages or
+loads at once), and lasts one call: garbage other code makes meanwhile is
 collected at the first collection after it.  If the collector was already
 disabled, it stays so.
 """
