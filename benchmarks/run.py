@@ -502,6 +502,22 @@ class Bench:
                 lambda: stager.stage(checkpoint()),
                 paired=f"{tag}.memcpy",
             )
+            # Loading 20,000 tensors: the pickle's cost, against torch.load
+            # of the same file (page cache warm for both).
+            path = self.dir / "ckpt-B.pt"
+            await aiostage.persist(state, path)
+            warm_file(path)
+            self.time_sync(
+                self.phase("B.torch_load", "B: torch.load (page cache)", nbytes),
+                lambda: torch.load(path),
+                repeat=3,
+            )
+            await self.time_async(
+                self.phase("B.load_warm", "B: aiostage load() (page cache)", nbytes),
+                lambda: aiostage.load(path),
+                repeat=3,
+            )
+            remove(path)
         if tag == "A":
             # diagnostic: one copy thread leaves a core to the event loop
             one = aiostage.DefaultStager(aiostage.StagingOptions(copy_threads=1))
@@ -940,6 +956,15 @@ def evaluate(b: Bench) -> list[dict[str, Any]]:
         per_b = p["B.stage_warm"].median / p["B.stage_warm"].nbytes
         r = per_b / per_a
         row("20k-tensor stage() time per byte / 200-tensor", r, 3.0, r <= 3)
+    if "B.load_warm" in p and "B.torch_load" in p:
+        r = p["B.load_warm"].median / p["B.torch_load"].median
+        row(
+            "(info) B load() / torch.load time, 20k tensors (page cache)",
+            r,
+            1.0,
+            r <= 1.0,
+            "both unpickle with torch's weights-only unpickler",
+        )
     if "B.stage_nested" in p and "B.stage_warm" in p:
         r = p["B.stage_nested"].median / p["B.stage_warm"].median
         row(
