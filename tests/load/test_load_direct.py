@@ -288,3 +288,34 @@ async def test_dirty_pages_are_read_through_the_cache(tmp_path: Path) -> None:
     finally:
         direct.close()
         os.close(fd)
+
+
+def needs_cachestat(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if _records.page_cache_state(fd, 0, 0) is None:
+            pytest.skip("no cachestat (Linux < 6.5): the page cache cannot be asked")
+    finally:
+        os.close(fd)
+
+
+async def test_checking_the_headers_of_an_uncached_file_leaves_it_uncached(
+    tmp_path: Path,
+) -> None:
+    """Local headers read one by one left pieces of the file cached every
+    record, and the whole-file read after them left the cache holding the
+    file in small pieces (slower to read again).  A file that was not cached
+    is dropped from the cache again once its headers are checked; one that
+    was cached stays so."""
+    sd = {f"t{i}": torch.randn(64 * 1024) for i in range(32)}  # records 256 KiB apart
+    path = await aiostage.persist(sd, tmp_path / "ckpt.pt")
+    needs_cachestat(path)
+    evict(path)
+    entries = _reader._open_archive(str(path))
+    assert len(entries) > 32
+    assert resident_fraction(path) == 0
+    read_through_cache(path)
+    _reader._open_archive(str(path))
+    assert resident_fraction(path) == 1
+    loaded = await aiostage.load(path)
+    assert all(torch.equal(loaded[k], v) for k, v in sd.items())
