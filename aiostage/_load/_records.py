@@ -262,6 +262,7 @@ class DirectReads:
     def __init__(self) -> None:
         self.fd: int | None = None
         self._closed_fd: int | None = None
+        self._used = False  # a read went past the page cache
         self._bounces: dict[int, torch.UntypedStorage] = {}
         self._lock = threading.Lock()
 
@@ -284,6 +285,20 @@ class DirectReads:
             self._closed_fd, self.fd = self.fd, None
 
     def close(self) -> None:
+        """Close the descriptor; the file leaves the page cache as it was found.
+
+        A direct load still reads some pieces through the page cache (small
+        records, the ends of records that do not line up with their memory):
+        a few kilobytes cached every record.  A later read of the whole file
+        through the cache would find its readahead broken at each of them
+        and leave the file cached in small pieces, slower to read again (1
+        GiB from the cache: 211-212 ms after a direct load, 189-192 ms
+        otherwise).  The file was mostly not cached, so all of it is dropped,
+        where reads went past the cache.
+        """
+        if self.fd is not None and self._used:  # (not after a refusal: then all went cached)
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
         for fd in (self.fd, self._closed_fd):
             if fd is not None:
                 os.close(fd)
@@ -334,7 +349,9 @@ class DirectReads:
         if state is None or state[1] or 2 * state[0] * DIRECT_ALIGN >= nbytes:
             return None
         try:
-            return os.preadv(dfd, buffers, offset)
+            got = os.preadv(dfd, buffers, offset)
+            self._used = True
+            return got
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise
