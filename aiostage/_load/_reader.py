@@ -44,6 +44,7 @@ from aiostage._exceptions import (
 )
 from aiostage._gc import gc_paused
 from aiostage._load import _into, _records
+from aiostage._load._zipdir import CentralEntry, ZipDirectoryError, read_directory
 from aiostage._persist._writer import use_direct_io
 from aiostage._progress import Progress, check_progress
 from aiostage._threads import GilTurns, run_all, run_sync
@@ -68,8 +69,10 @@ _ALLOWED_FLAGS = _DESCRIPTOR_FLAG | _UTF8_FLAG
 _DOS_VOLUME = 0x08
 _DOS_DIR = 0x10
 
-# What zipfile raises on a directory it cannot parse (bad sizes, names, extras).
+# What the directory reader (or zipfile, for torch.load's archives) raises on
+# a directory it cannot parse (bad sizes, names, extras).
 _ZIP_ERRORS = (
+    ZipDirectoryError,
     zipfile.BadZipFile,
     ValueError,
     EOFError,
@@ -110,11 +113,11 @@ class _Entry:
     crc: int
 
 
-def _corrupt(path: str, message: str, info: zipfile.ZipInfo) -> CorruptCheckpointError:
+def _corrupt(path: str, message: str, info: CentralEntry) -> CorruptCheckpointError:
     return CorruptCheckpointError(message, path=path, record=info.filename)
 
 
-def _check_central(path: str, info: zipfile.ZipInfo) -> None:
+def _check_central(path: str, info: CentralEntry) -> None:
     """Reject central-directory fields that no ``torch.save`` record carries.
 
     ``torch.load`` (miniz) trusts more of the directory than the CRC covers:
@@ -163,7 +166,7 @@ def _local_zip64(extra: bytes) -> list[int]:
 
 
 def _sizes_match(
-    info: zipfile.ZipInfo, fields: tuple[int, int], extra: bytes, descriptor: bool
+    info: CentralEntry, fields: tuple[int, int], extra: bytes, descriptor: bool
 ) -> bool:
     """Whether a local header's (uncompressed, compressed) sizes agree with the directory."""
     wide = iter(_local_zip64(extra))
@@ -215,7 +218,7 @@ class _Headers:
             os.close(self.fd)
 
 
-def _descriptor_matches(headers: _Headers, info: zipfile.ZipInfo, data_end: int) -> bool:
+def _descriptor_matches(headers: _Headers, info: CentralEntry, data_end: int) -> bool:
     """Whether the data descriptor after a record repeats the directory's CRC and sizes."""
     tail = headers.read(data_end, 24)
     if tail[:4] == _DESCRIPTOR_SIG:
@@ -228,7 +231,7 @@ def _descriptor_matches(headers: _Headers, info: zipfile.ZipInfo, data_end: int)
     return len(tail) >= 20 and struct.unpack_from("<QQ", tail, 4) == (size, size)
 
 
-def _entry(path: str, headers: _Headers, info: zipfile.ZipInfo, file_size: int) -> _Entry:
+def _entry(path: str, headers: _Headers, info: CentralEntry, file_size: int) -> _Entry:
     """Check one record's directory entry against its local header; locate its bytes."""
     _check_central(path, info)
     # One read for the header, its name and (usually) its extra field.
@@ -242,12 +245,7 @@ def _entry(path: str, headers: _Headers, info: zipfile.ZipInfo, file_size: int) 
         head += headers.read(info.header_offset + len(head), end - len(head))
     raw_name = head[_LOCAL_FMT.size : _LOCAL_FMT.size + name_len]
     extra = head[_LOCAL_FMT.size + name_len : end]
-    encoding = "utf-8" if info.flag_bits & _UTF8_FLAG else "cp437"
-    try:
-        name_ok = raw_name == info.orig_filename.encode(encoding)
-    except UnicodeEncodeError:
-        name_ok = False
-    if not name_ok:
+    if raw_name != info.raw_name:
         raise _corrupt(path, f"local header names another record ({raw_name!r})", info)
     descriptor = bool(flags & _DESCRIPTOR_FLAG)
     if flags != info.flag_bits or method != info.compress_type:
@@ -283,10 +281,10 @@ def _open_archive(path: str) -> list[_Entry]:
             f"cannot open the checkpoint ({exc.strerror})", path=path
         ) from exc
     try:
-        with f, zipfile.ZipFile(f) as zf, _Headers(f.fileno(), st.st_size) as headers:
+        with f, _Headers(f.fileno(), st.st_size) as headers:
             turn = GilTurns()  # (tens of thousands of records: microseconds each)
             entries = []
-            for info in zf.infolist():
+            for info in read_directory(f.fileno(), st.st_size):
                 turn()
                 entries.append(_entry(path, headers, info, st.st_size))
     except CorruptCheckpointError:
