@@ -956,24 +956,26 @@ def evaluate(b: Bench) -> list[dict[str, Any]]:
         per_b = p["B.stage_warm"].median / p["B.stage_warm"].nbytes
         r = per_b / per_a
         row("20k-tensor stage() time per byte / 200-tensor", r, 3.0, r <= 3)
-    if "B.load_warm" in p and "B.torch_load" in p:
-        r = p["B.load_warm"].median / p["B.torch_load"].median
-        row(
-            "(info) B load() / torch.load time, 20k tensors (page cache)",
-            r,
+    # (info) median time of one phase over another's, at most ``limit``
+    for key, over, name, limit, note in (
+        (
+            "B.load_warm",
+            "B.torch_load",
+            "B load() / torch.load time, 20k tensors (page cache)",
             1.0,
-            r <= 1.0,
             "both unpickle with torch's weights-only unpickler",
-        )
-    if "B.stage_nested" in p and "B.stage_warm" in p:
-        r = p["B.stage_nested"].median / p["B.stage_warm"].median
-        row(
-            "(info) B nested in a checkpoint dict / B flat, repeated stage() time",
-            r,
+        ),
+        (
+            "B.stage_nested",
+            "B.stage_warm",
+            "B nested in a checkpoint dict / B flat, repeated stage() time",
             1.2,
-            r <= 1.2,
             "the replay covers nested states",
-        )
+        ),
+    ):
+        if key in p and over in p:
+            r = p[key].median / p[over].median
+            row(f"(info) {name}", r, limit, r <= limit, note)
     if "save_peak_rss" in b.info:
         r = b.info["save_peak_rss"]
         # peak RSS over the interpreter's own RSS (imports, before the state
