@@ -152,14 +152,20 @@ class _Row(NamedTuple):
     leaf_positions: list[int]  # ...at these positions
 
 
-def _compile(nodes: list[_Node]) -> list[_Row]:
+def _compile(nodes: list[_Node], clock: TimeSlice) -> Generator[None, None, list[_Row]]:
     """The rows of ``nodes`` (numbered depth first), breadth first."""
     order = [nodes[0]]
     for node in order:  # (grows as it goes)
         order.extend(nodes[child] for _, child in node.node_slots)
+        if clock.due():
+            yield
+            clock.restart()
     row_of = {node.index: row for row, node in enumerate(order)}
     rows = []
     for node in order:
+        if clock.due():
+            yield
+            clock.restart()
         children = [item for item, _ in node.node_slots]
         first = row_of[node.node_slots[0][1]] if node.node_slots else 0
         rows.append(
@@ -185,8 +191,8 @@ class Shape:
 
     __slots__ = ("leaf_count", "meta_count", "rows")
 
-    def __init__(self, nodes: list[_Node], leaf_count: int, meta_count: int) -> None:
-        self.rows = _compile(nodes)
+    def __init__(self, rows: list[_Row], leaf_count: int, meta_count: int) -> None:
+        self.rows = rows
         self.leaf_count = leaf_count
         self.meta_count = meta_count
 
@@ -279,7 +285,8 @@ class Shape:
                 if clock.due():
                     yield
                     clock.restart()
-        return cls(nodes, len(leaves_in), metas), leaves_in, leaves_out, paths
+        rows = yield from _compile(nodes, clock)
+        return cls(rows, len(leaves_in), metas), leaves_in, leaves_out, paths
 
     def flatten(self, obj: Any, clock: TimeSlice) -> Generator[None, None, Flat | None]:
         """The leaves of ``obj`` if it is built like the recorded state

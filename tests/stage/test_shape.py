@@ -289,3 +289,30 @@ def test_a_state_changed_while_the_shape_records_or_flattens_is_never_misread(at
         assert flat is not None
     if flat is not None:
         assert all(a is b for a, b in zip(flat[0], before, strict=True))
+
+
+def test_every_step_over_many_containers_gives_the_loop_turns() -> None:
+    """Recording (walking, then numbering the containers), flattening and
+    building all yield as they go: a step that did not held the loop for 32
+    ms over 20,000 small dicts."""
+    state = {"state": {i: {"w": torch.ones(1), "step": i} for i in range(3000)}}
+
+    def places(gen: Generator[None, None, Any]) -> tuple[set[str], Any]:
+        seen = set()
+        try:
+            while True:
+                next(gen)
+                inner: Any = gen
+                while getattr(inner, "gi_yieldfrom", None) is not None:
+                    inner = inner.gi_yieldfrom
+                seen.add(inner.gi_code.co_name)
+        except StopIteration as stop:
+            return seen, stop.value
+
+    seen, recorded = places(Shape.record(state, copy_of(state), TimeSlice(0.0)))
+    assert {"record", "_compile"} <= seen
+    shape = recorded[0]
+    seen, flat = places(shape.flatten(state, TimeSlice(0.0)))
+    assert seen == {"flatten"}
+    seen, _ = places(shape.build(flat[0], flat[1], flat[2], TimeSlice(0.0)))
+    assert seen == {"build"}
