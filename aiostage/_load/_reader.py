@@ -31,8 +31,7 @@ import threading
 import zipfile
 import zlib
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import torch
 
@@ -103,8 +102,7 @@ busy while one of them copies out of its bounce buffer, and cost the event
 loop little."""
 
 
-@dataclass(frozen=True)
-class _Entry:
+class _Entry(NamedTuple):
     """Where one record's bytes lie in the file."""
 
     name: str
@@ -169,6 +167,8 @@ def _sizes_match(
     info: CentralEntry, fields: tuple[int, int], extra: bytes, descriptor: bool
 ) -> bool:
     """Whether a local header's (uncompressed, compressed) sizes agree with the directory."""
+    if fields == (info.file_size, info.compress_size):  # (the usual case)
+        return True
     wide = iter(_local_zip64(extra))
     for field, want in zip(fields, (info.file_size, info.compress_size), strict=True):
         got = field
