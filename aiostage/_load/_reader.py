@@ -6,14 +6,15 @@ allow-lists with ``safe_globals``; it can never run arbitrary code.
 
 The work is a few worker-thread steps (``anyio`` worker threads, never
 abandoned even on a plain ``Task.cancel()``): open and check the archive's
-directory (each entry against its local header), optionally verify every
-record's CRC-32 in chunks, then read the state.  A CPU load reads every
-storage record with ``preadv`` (``READ_THREADS`` threads) while another
-thread unpickles (``aiostage._load._records``); an ``mmap`` load maps the file once and
-unpickles onto slices of the mapping; ``into`` reads into existing tensors
-(``aiostage._load._into``).  Other ``map_location`` values and big-endian
-archives go through ``torch.load``.  The unpickler hands the GIL to the
-event loop every millisecond, so even large pickles do not stall it.
+directory (``aiostage._load._zipdir``; each entry against its local header),
+optionally verify every record's CRC-32 in chunks, then read the state.  A
+CPU load reads every storage record with ``preadv`` (``READ_THREADS``
+threads) while another thread unpickles (``aiostage._load._records``); an
+``mmap`` load maps the file once and unpickles onto slices of the mapping;
+``into`` reads into existing tensors (``aiostage._load._into``).  Other
+``map_location`` values and big-endian archives go through ``torch.load``.
+The unpickler hands the GIL to the event loop every millisecond, so even
+large pickles do not stall it.
 """
 
 from __future__ import annotations
@@ -235,7 +236,7 @@ def _entry(path: str, headers: _Headers, info: CentralEntry, file_size: int) -> 
     """Check one record's directory entry against its local header; locate its bytes."""
     _check_central(path, info)
     # One read for the header, its name and (usually) its extra field.
-    head = headers.read(info.header_offset, _LOCAL_FMT.size + len(info.filename) * 4 + 128)
+    head = headers.read(info.header_offset, _LOCAL_FMT.size + len(info.raw_name) + 128)
     local = head[: _LOCAL_FMT.size]
     if len(local) < _LOCAL_FMT.size or local[:4] != _LOCAL_SIG:
         raise _corrupt(path, "bad local header (file truncated or overwritten)", info)
