@@ -263,6 +263,7 @@ class DirectReads:
         self.fd: int | None = None
         self._closed_fd: int | None = None
         self._used = False  # a read went past the page cache
+        self._cold = False  # the cache held almost none of the file at open
         self._bounces: dict[int, torch.UntypedStorage] = {}
         self._lock = threading.Lock()
 
@@ -274,9 +275,11 @@ class DirectReads:
         whole = page_cache_state(fd, 0, 0)
         if not flag or whole is None:
             return
-        if 2 * whole[0] * DIRECT_ALIGN < os.fstat(fd).st_size:  # mostly not cached
+        size = os.fstat(fd).st_size
+        if 2 * whole[0] * DIRECT_ALIGN < size:  # mostly not cached
             with contextlib.suppress(OSError):  # EINVAL: not supported here
                 self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | flag)
+            self._cold = 16 * whole[0] * DIRECT_ALIGN < size and not whole[1]
 
     def refuse(self) -> None:
         """Read the rest through the page cache (the descriptor stays open
@@ -293,10 +296,12 @@ class DirectReads:
         through the cache would find its readahead broken at each of them
         and leave the file cached in small pieces, slower to read again (1
         GiB from the cache: 211-212 ms after a direct load, 189-192 ms
-        otherwise).  The file was mostly not cached, so all of it is dropped,
-        where reads went past the cache.
+        otherwise).  So where the cache held almost none of the file when
+        the load began (under 1/16), and reads went past it, all of the
+        file is dropped from it again.
         """
-        if self.fd is not None and self._used:  # (not after a refusal: then all went cached)
+        # (Not after a refusal: then the rest went through the cache.)
+        if self.fd is not None and self._used and self._cold:
             with contextlib.suppress(OSError):
                 os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_DONTNEED)
         for fd in (self.fd, self._closed_fd):
