@@ -19,6 +19,7 @@ import time
 import warnings
 import weakref
 from bisect import bisect_left
+from collections import OrderedDict
 from collections.abc import Callable, Generator
 from itertools import repeat
 from operator import eq, is_
@@ -131,6 +132,9 @@ class _StorageCache:
     def __init__(self) -> None:
         self._entries: dict[int, tuple[_KeyedRef, torch.UntypedStorage]] = {}
         self._spares: dict[int, list[torch.UntypedStorage]] = {}
+        #: Spares allocated ahead of a plan (see StateDictStager.allocate),
+        #: never written: their first copy pays their page faults.
+        self.untouched: set[int] = set()
 
     def _dead(self, ref: _KeyedRef) -> None:
         current = self._entries.get(ref.key)
@@ -164,15 +168,22 @@ class _StorageCache:
                 return None
         return None
 
+    def add_spare(self, dst: torch.UntypedStorage) -> None:
+        self._spares.setdefault(dst.nbytes(), []).append(dst)
+
+    def spare_count(self, nbytes: int) -> int:
+        return len(self._spares.get(nbytes, ()))
+
     def drop_spares(self) -> None:
         self._spares = {}
+        self.untouched = set()
 
     def storages(self) -> list[torch.UntypedStorage]:
         return [dst for _, dst in list(self._entries.values())]
 
     def clear(self) -> None:
         self._entries.clear()
-        self._spares = {}
+        self.drop_spares()
 
 
 class _TensorEntry(NamedTuple):
@@ -506,6 +517,73 @@ class StateDictStager:
         if replay is not None:
             replay.kill()
 
+    # -- allocation ahead of a plan, for the async stagers ---------------------
+
+    def fresh_sizes(self, obj: Any, budget_s: float | None) -> Generator[None, None, list[int]]:
+        """The sizes of the staging storages a plan of ``obj`` would have to
+        allocate: one per source storage of a plain tensor in ``obj``'s
+        dicts, lists and tuples that the cache holds no staging storage (or
+        spare) for.  Tensors elsewhere (in other objects, DTensors) are left
+        to the plan, which allocates what it still needs.
+
+        A generator that yields about every ``budget_s``.
+        """
+        cache = self._cache
+        sizes: list[int] = []
+        seen: set[int] = set()
+        spares: dict[int, int] = {}
+        stack = [obj]
+        visited: set[int] = set()
+        clock = TimeSlice(budget_s)
+        while stack:
+            x = stack.pop()
+            kind = type(x)
+            if kind in _PLAIN_TENSORS:
+                if x.layout is not torch.strided or x.is_meta or x.is_quantized or x.is_nested:
+                    continue
+                src = x.untyped_storage()
+                if src._cdata in seen:
+                    continue
+                seen.add(src._cdata)
+                nbytes = src.nbytes()
+                dst = cache.get(src)
+                if dst is not None and dst.nbytes() == nbytes:
+                    continue
+                if spares.setdefault(nbytes, cache.spare_count(nbytes)) > 0:
+                    spares[nbytes] -= 1  # (a retired storage of that size will do)
+                    continue
+                sizes.append(nbytes)
+            elif (kind is dict or kind is OrderedDict or kind is list or kind is tuple) and (
+                id(x) not in visited
+            ):
+                visited.add(id(x))
+                stack.extend(x.values() if isinstance(x, dict) else x)
+            if clock.due():
+                yield
+                clock.restart()
+        return sizes
+
+    def allocate(self, sizes: list[int]) -> None:
+        """Allocate staging storages of ``sizes`` as spares for the next plan
+        (blocking: for a worker thread; see :meth:`fresh_sizes`).
+
+        Mapping memory is a system call that can wait in the kernel: on the
+        development VM a watchdog caught single ``mmap`` calls of a first
+        stage holding the event loop for 142-750 ms while the VM backed
+        memory.  Allocated here, they hold a worker thread instead.
+        """
+        made = []
+        for nbytes in sizes:
+            pin = self.pin_memory and nbytes >= self.pin_memory_min_bytes
+            made.append(
+                _allocate(
+                    nbytes, shared=self.share_memory, pinned_alloc=pin and not self._cuda_pinning
+                )
+            )
+        for dst in made:
+            self._cache.add_spare(dst)
+            self._cache.untouched.add(dst._cdata)
+
     # -- the two halves the async stagers drive ------------------------------
 
     def plan(
@@ -569,6 +647,9 @@ class StateDictStager:
             if fresh:
                 pin = self.pin_memory and nbytes >= self.pin_memory_min_bytes
                 dst = cache.spare(nbytes)
+                if dst is not None and dst._cdata in cache.untouched:
+                    cache.untouched.discard(dst._cdata)
+                    allocated = True  # (allocated ahead, not yet written)
                 if dst is None or dst.is_shared() != self.share_memory:
                     allocated = True
                     dst = _allocate(

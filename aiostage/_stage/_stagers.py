@@ -332,6 +332,22 @@ class DefaultStager(_StagerBase):
         finally:
             gen.close()
 
+    async def _allocate_ahead(self, state_dict: Any) -> None:
+        """Allocate the staging storages the plan will need (a first stage,
+        new tensors) in a worker thread, not on the loop as the plan would
+        (see :meth:`StateDictStager.allocate`)."""
+        gen = self._engine.fresh_sizes(state_dict, TRAVERSAL_BUDGET_S)
+        try:
+            while True:
+                gen.send(None)
+                await _let_timers_run()
+        except StopIteration as stop:
+            sizes: list[int] = stop.value
+        finally:
+            gen.close()
+        if sizes:
+            await run_sync(self._engine.allocate, sizes)
+
     async def _stage_locked(
         self, state_dict: Any, on_plan: Callable[[StagePlan], None] | None
     ) -> Any:
@@ -343,6 +359,8 @@ class DefaultStager(_StagerBase):
     ) -> Any:
         # A replayed plan of CPU tensors is checked block by block on the
         # loop; the copies of checked blocks start meanwhile (EarlyCopies).
+        if self.options.use_async_staging:
+            await self._allocate_ahead(state_dict)
         early = None
         if self.options.use_async_staging and self._device_ops is None:
             early = EarlyCopies(self.options.threads, self.options.chunk_bytes)

@@ -541,3 +541,59 @@ def test_a_batched_copy_that_fails_as_a_whole_is_a_staging_error(
         for batch in plan.batches(16 << 20):
             copy_batch(plan.requests, batch, plan.whole)
     stager.discard(plan)
+
+
+def _sizes_of(stager: StateDictStager, state: Any) -> list[int]:
+    return _run_gen(stager.fresh_sizes(state, 0.0))
+
+
+def _run_gen(gen: Any) -> Any:
+    try:
+        while True:
+            next(gen)
+    except StopIteration as done:
+        return done.value
+
+
+def test_fresh_sizes_lists_each_uncached_storage_once() -> None:
+    """What a plan would allocate: one storage per source storage of the
+    plain tensors in dicts, lists and tuples, none for cached ones, none
+    where a retired storage of the size is kept."""
+    stager = StateDictStager()
+    base = torch.zeros(100)
+    shared = {"view": base[10:20], "again": base, "other": torch.zeros(7, dtype=torch.float64)}
+    state: dict[str, Any] = {
+        "model": shared,
+        "list": [torch.zeros(3), (torch.zeros(5), 4), "x"],
+        "odd": types.SimpleNamespace(t=torch.zeros(9)),  # left to the plan
+        "meta": torch.empty(4, device="meta"),
+    }
+    state["loop"] = state  # reached again: walked once
+    assert sorted(_sizes_of(stager, state)) == sorted([400, 56, 12, 20])
+    del state["meta"]  # (which the plan refuses)
+    plan = _plan_of(stager, state)
+    stager.commit(plan)
+    assert _sizes_of(stager, state) == []  # all cached now
+    # A new tensor of a cached size, while a dead source's storage is kept.
+    del plan
+    state["list"][0] = torch.ones(3)  # the old source dies: its storage is a spare
+    gc.collect()
+    assert _sizes_of(stager, state) == []
+    state["list"].append(torch.ones(3))  # a second one of that size needs one
+    assert _sizes_of(stager, state) == [12]
+
+
+def test_storages_allocated_ahead_are_taken_by_the_plan_and_marked_fresh() -> None:
+    stager = StateDictStager()
+    sd = {"a": torch.randn(100_000), "b": torch.randn(10), "c": torch.randn(10)}
+    stager.allocate(_sizes_of(stager, sd))
+    ahead = {dst.data_ptr() for dsts in stager._cache._spares.values() for dst in dsts}
+    assert len(ahead) == 3
+    plan = _plan_of(stager, sd)
+    assert {r.dst.data_ptr() for r in plan.requests} == ahead  # no new allocation
+    assert [r.fresh for r in plan.requests] == [True, True, True]  # never written yet
+    for batch in plan.batches(16 << 20):
+        copy_batch(plan.requests, batch, plan.whole)
+    stager.commit(plan)
+    assert all(torch.equal(plan.result[k], sd[k]) for k in sd)
+    assert stager._cache._spares == {} and not stager._cache.untouched
