@@ -536,6 +536,9 @@ class StateDictStager:
         visited: set[int] = set()
         clock = TimeSlice(budget_s)
         while stack:
+            if clock.due():
+                yield
+                clock.restart()
             x = stack.pop()
             kind = type(x)
             if kind in _PLAIN_TENSORS:
@@ -558,10 +561,13 @@ class StateDictStager:
             ):
                 visited.add(id(x))
                 stack.extend(x.values() if isinstance(x, dict) else x)
-            if clock.due():
-                yield
-                clock.restart()
         return sizes
+
+    @property
+    def replaying(self) -> bool:
+        """Whether the next plan starts as a replay of the last one."""
+        replay = self._replay
+        return replay is not None and replay.records is not None
 
     def allocate(self, sizes: list[int]) -> None:
         """Allocate staging storages of ``sizes`` as spares for the next plan

@@ -597,3 +597,18 @@ def test_storages_allocated_ahead_are_taken_by_the_plan_and_marked_fresh() -> No
     stager.commit(plan)
     assert all(torch.equal(plan.result[k], sd[k]) for k in sd)
     assert stager._cache._spares == {} and not stager._cache.untouched
+
+
+def test_fresh_sizes_gives_the_loop_turns_over_cached_tensors_too() -> None:
+    stager = StateDictStager()
+    sd = {f"t{i}": torch.zeros(2) for i in range(500)}
+    stager.stage(sd)
+    gen = stager.fresh_sizes(sd, 0.0)
+    turns = 0
+    try:
+        while True:
+            next(gen)
+            turns += 1
+    except StopIteration as done:
+        assert done.value == []
+    assert turns >= 500 // 64
