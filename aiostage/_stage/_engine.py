@@ -520,11 +520,14 @@ class StateDictStager:
     # -- allocation ahead of a plan, for the async stagers ---------------------
 
     def fresh_sizes(self, obj: Any, budget_s: float | None) -> Generator[None, None, list[int]]:
-        """The sizes of the staging storages a plan of ``obj`` would have to
-        allocate: one per source storage of a plain tensor in ``obj``'s
-        dicts, lists and tuples that the cache holds no staging storage (or
-        spare) for.  Tensors elsewhere (in other objects, DTensors) are left
-        to the plan, which allocates what it still needs.
+        """The sizes of the mapped staging storages (``MMAP_MIN_BYTES`` or
+        more) a plan of ``obj`` would have to allocate: one per source
+        storage of a plain tensor in ``obj``'s dicts, lists and tuples that
+        the cache holds no staging storage (or spare) for.  Smaller ones come
+        from the heap, cheaply, and tensors elsewhere (in other objects,
+        DTensors) are left to the plan, which allocates what it still needs.
+        (Allocating 20,000 small storages ahead in a worker thread held the
+        GIL for long stretches: the loop's p99 lag went from 1.5 to 5.2 ms.)
 
         A generator that yields about every ``budget_s``.
         """
@@ -549,6 +552,8 @@ class StateDictStager:
                     continue
                 seen.add(src._cdata)
                 nbytes = src.nbytes()
+                if nbytes < MMAP_MIN_BYTES:
+                    continue
                 dst = cache.get(src)
                 if dst is not None and dst.nbytes() == nbytes:
                     continue

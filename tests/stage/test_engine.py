@@ -556,36 +556,42 @@ def _run_gen(gen: Any) -> Any:
 
 
 def test_fresh_sizes_lists_each_uncached_storage_once() -> None:
-    """What a plan would allocate: one storage per source storage of the
-    plain tensors in dicts, lists and tuples, none for cached ones, none
-    where a retired storage of the size is kept."""
+    """What a plan would map: one storage per source storage (of 128 KiB or
+    more) of the plain tensors in dicts, lists and tuples, none for cached
+    ones, none where a retired storage of the size is kept."""
     stager = StateDictStager()
-    base = torch.zeros(100)
-    shared = {"view": base[10:20], "again": base, "other": torch.zeros(7, dtype=torch.float64)}
+    kib = 1024
+    base = torch.zeros(64 * kib)  # 256 KiB
+    shared = {
+        "view": base[10:20],
+        "again": base,
+        "other": torch.zeros(20 * kib, dtype=torch.float64),
+    }
     state: dict[str, Any] = {
         "model": shared,
-        "list": [torch.zeros(3), (torch.zeros(5), 4), "x"],
-        "odd": types.SimpleNamespace(t=torch.zeros(9)),  # left to the plan
-        "meta": torch.empty(4, device="meta"),
+        "list": [torch.zeros(40 * kib), (torch.zeros(48 * kib), 4), "x"],
+        "small": torch.zeros(10),  # from the heap, by the plan
+        "odd": types.SimpleNamespace(t=torch.zeros(64 * kib)),  # left to the plan
+        "meta": torch.empty(64 * kib, device="meta"),
     }
     state["loop"] = state  # reached again: walked once
-    assert sorted(_sizes_of(stager, state)) == sorted([400, 56, 12, 20])
+    assert sorted(_sizes_of(stager, state)) == sorted([256 * kib, 160 * kib, 160 * kib, 192 * kib])
     del state["meta"]  # (which the plan refuses)
     plan = _plan_of(stager, state)
     stager.commit(plan)
     assert _sizes_of(stager, state) == []  # all cached now
     # A new tensor of a cached size, while a dead source's storage is kept.
     del plan
-    state["list"][0] = torch.ones(3)  # the old source dies: its storage is a spare
+    state["list"][0] = torch.ones(40 * kib)  # the old source dies: its storage is a spare
     gc.collect()
     assert _sizes_of(stager, state) == []
-    state["list"].append(torch.ones(3))  # a second one of that size needs one
-    assert _sizes_of(stager, state) == [12]
+    state["list"].append(torch.ones(40 * kib))  # a second one of that size needs one
+    assert _sizes_of(stager, state) == [160 * kib]
 
 
 def test_storages_allocated_ahead_are_taken_by_the_plan_and_marked_fresh() -> None:
     stager = StateDictStager()
-    sd = {"a": torch.randn(100_000), "b": torch.randn(10), "c": torch.randn(10)}
+    sd = {"a": torch.randn(100_000), "b": torch.randn(50_000), "c": torch.randn(40_000)}
     stager.allocate(_sizes_of(stager, sd))
     ahead = {dst.data_ptr() for dsts in stager._cache._spares.values() for dst in dsts}
     assert len(ahead) == 3

@@ -383,11 +383,13 @@ async def test_a_first_stage_maps_its_buffers_off_the_event_loop(
     real = _engine._allocate
 
     def spying(nbytes: int, **kwargs: Any) -> torch.UntypedStorage:
-        threads.append(threading.get_ident())
+        if nbytes >= _engine.MMAP_MIN_BYTES:  # (smaller ones come from the heap)
+            threads.append(threading.get_ident())
         return real(nbytes, **kwargs)
 
     monkeypatch.setattr(_engine, "_allocate", spying)
     sd = {"model": {f"w{i}": torch.randn(64 * 1024) for i in range(8)}, "step": 3}
+    sd["model"]["bias"] = torch.randn(10)
     async with aiostage.DefaultStager() as stager:
         staged = await stager.stage(sd)
         assert len(threads) == 8 and loop_thread not in threads
@@ -395,7 +397,7 @@ async def test_a_first_stage_maps_its_buffers_off_the_event_loop(
         # A new tensor in a state the stager replays: the replay finds the
         # change and the fresh plan maps the one new buffer itself (the walk
         # ahead is skipped before a replay: see _allocate_ahead).
-        sd["model"]["w8"] = torch.randn(10)
+        sd["model"]["w8"] = torch.randn(64 * 1024)
         staged = await stager.stage(sd)
         assert len(threads) == 9
         assert torch.equal(staged["model"]["w8"], sd["model"]["w8"])
