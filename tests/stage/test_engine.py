@@ -457,13 +457,17 @@ def test_staging_memory_returns_to_the_os_when_released() -> None:
     assert _rss_bytes() - before < 32 * 1024 * 1024
 
 
-def _plan_of(stager: StateDictStager, state: Any) -> Any:
-    gen = stager.plan(state)
+def _run_gen(gen: Any) -> Any:
+    """Drive a generator to its end; its return value."""
     try:
         while True:
             next(gen)
     except StopIteration as done:
         return done.value
+
+
+def _plan_of(stager: StateDictStager, state: Any) -> Any:
+    return _run_gen(stager.plan(state))
 
 
 def test_only_newly_allocated_staging_storages_are_marked_fresh() -> None:
@@ -545,14 +549,6 @@ def test_a_batched_copy_that_fails_as_a_whole_is_a_staging_error(
 
 def _sizes_of(stager: StateDictStager, state: Any) -> list[int]:
     return _run_gen(stager.fresh_sizes(state, 0.0))
-
-
-def _run_gen(gen: Any) -> Any:
-    try:
-        while True:
-            next(gen)
-    except StopIteration as done:
-        return done.value
 
 
 def test_fresh_sizes_lists_each_uncached_storage_once() -> None:
