@@ -19,7 +19,7 @@ import os
 import types
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 import anyio
@@ -281,6 +281,19 @@ class _StagerBase:
         await self.close()
 
 
+async def _drive(gen: Generator[None, None, T]) -> T:
+    """Run one of the engine's time-sliced generators on the loop, letting
+    the timers due run between its slices; its return value."""
+    try:
+        while True:
+            gen.send(None)
+            await _let_timers_run()
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+    finally:
+        gen.close()
+
+
 class DefaultStager(_StagerBase):
     """The full-featured stager: background copies, cached buffers, pipelining.
 
@@ -322,15 +335,7 @@ class DefaultStager(_StagerBase):
 
     async def _plan(self, state_dict: Any, on_checked: OnChecked | None = None) -> StagePlan:
         budget = TRAVERSAL_BUDGET_S if self.options.use_async_staging else None
-        gen = self._engine.plan(state_dict, budget_s=budget, on_checked=on_checked)
-        try:
-            while True:
-                gen.send(None)
-                await _let_timers_run()
-        except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
-        finally:
-            gen.close()
+        return await _drive(self._engine.plan(state_dict, budget_s=budget, on_checked=on_checked))
 
     async def _allocate_ahead(self, state_dict: Any) -> None:
         """Allocate the staging storages the plan will need (a first stage,
@@ -338,15 +343,7 @@ class DefaultStager(_StagerBase):
         (see :meth:`StateDictStager.allocate`).  Not before a plan that will
         likely replay the last one: it allocates nothing, and the walk costs
         1.6 us per tensor."""
-        gen = self._engine.fresh_sizes(state_dict, TRAVERSAL_BUDGET_S)
-        try:
-            while True:
-                gen.send(None)
-                await _let_timers_run()
-        except StopIteration as stop:
-            sizes: list[int] = stop.value
-        finally:
-            gen.close()
+        sizes = await _drive(self._engine.fresh_sizes(state_dict, TRAVERSAL_BUDGET_S))
         if sizes:
             await run_sync(self._engine.allocate, sizes)
 
