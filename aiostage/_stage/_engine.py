@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import operator
 import threading
-import time
 import warnings
 import weakref
 from bisect import bisect_left
@@ -374,8 +373,6 @@ class _Columns:
         self.complex = False  # any tensor of a complex dtype
 
 
-#: Check the clock every this many leaves while recording a replay.
-_REPLAY_TICK = 64
 #: Check this many tensors at a time in a replay (a few hundred microseconds).
 _REPLAY_BLOCK = 128
 
@@ -763,11 +760,10 @@ class StateDictStager:
         storage_entry = self._cache._entries.get
         cols = _Columns()
         created = 0
-        deadline = clock.deadline
         for position, value in enumerate(values):
-            if position % _REPLAY_TICK == 0 and time.perf_counter() >= deadline:
+            if clock.due():
                 yield
-                deadline = time.perf_counter() + (budget_s or 0.0)
+                clock.restart()
             cls = type(value)
             if cls in _ATOMIC:
                 cols.atomic.append(position)
@@ -847,7 +843,6 @@ class StateDictStager:
         if flat is None or replay.records is not cols:  # (a source died meanwhile)
             return None
         values, per_node, metas = flat
-        deadline = clock.deadline
         tensors = values
         if cols.atomic:  # the leaves mix tensors and atomic values: sort them out
             tensors = []
@@ -857,9 +852,9 @@ class StateDictStager:
                 if not all(map(_ATOMIC.__contains__, map(type, map(pick, cols.atomic[a:b])))):
                     return None
                 tensors += map(pick, cols.positions[a:b])
-                if time.perf_counter() >= deadline:
+                if clock.over():
                     yield
-                    deadline = time.perf_counter() + (budget_s or 0.0)
+                    clock.restart()
         count = len(tensors)
         if count != len(cols.refs):
             return None
@@ -939,9 +934,9 @@ class StateDictStager:
                 on_checked(requests, whole, a, b)
             else:
                 srcs[a:b] = ss
-            if time.perf_counter() >= deadline:
+            if clock.over():
                 yield
-                deadline = time.perf_counter() + (budget_s or 0.0)
+                clock.restart()
         if not stream:
             if not _plains_unchanged(cols, cols.plains):
                 return None
@@ -960,18 +955,18 @@ class StateDictStager:
                         )
                         for t in creators[a:b]
                     ]
-                if time.perf_counter() >= deadline:
+                if clock.over():
                     yield
-                    deadline = time.perf_counter() + (budget_s or 0.0)
+                    clock.restart()
             for a in range(0, len(dense), _REPLAY_BLOCK):
                 b = a + _REPLAY_BLOCK
                 sources = map(tensors.__getitem__, dense_at[a:b])
                 whole.update(
                     zip(dense[a:b], zip(sources, dense_writes[a:b], strict=True), strict=True)
                 )
-                if time.perf_counter() >= deadline:
+                if clock.over():
                     yield
-                    deadline = time.perf_counter() + (budget_s or 0.0)
+                    clock.restart()
         out = cols.staged
         if cols.atomic:
             out = values  # (flatten's own list) with the staged tensors in place
@@ -979,10 +974,9 @@ class StateDictStager:
                 b = a + _REPLAY_BLOCK * 8
                 for position, y in zip(cols.positions[a:b], cols.staged[a:b], strict=True):
                     out[position] = y
-                if time.perf_counter() >= deadline:
+                if clock.over():
                     yield
-                    deadline = time.perf_counter() + (budget_s or 0.0)
-        clock.deadline = deadline
+                    clock.restart()
         result = yield from replay.shape.build(out, per_node, metas, clock)
         if len(requests) != len(replay.by_dst):
             return None

@@ -68,6 +68,10 @@ class TimeSlice:
         self.ticks = 0
         return time.perf_counter() >= self.deadline
 
+    def over(self) -> bool:
+        """Whether the slice is used up (asked after a block of work)."""
+        return time.perf_counter() >= self.deadline
+
     def restart(self) -> None:
         self.deadline = time.perf_counter() + (self.budget_s or 0.0)
 
