@@ -37,6 +37,7 @@ from aiostage._stage._traverse import (
     Traversal,
     check_stageable,
     format_path,
+    stageable,
     view_on,
 )
 
@@ -542,7 +543,7 @@ class StateDictStager:
             x = stack.pop()
             kind = type(x)
             if kind in _PLAIN_TENSORS:
-                if x.layout is not torch.strided or x.is_meta or x.is_quantized or x.is_nested:
+                if not stageable(x):
                     continue
                 src = x.untyped_storage()
                 if src._cdata in seen:
@@ -565,6 +566,18 @@ class StateDictStager:
                 stack.extend(x.values() if isinstance(x, dict) else x)
         return sizes
 
+    def _new_storage(self, nbytes: int) -> torch.UntypedStorage:
+        """A new staging storage (pinned where asked and not pinned later
+        through CUDA, see :meth:`_wants_pin`)."""
+        return _allocate(
+            nbytes,
+            shared=self.share_memory,
+            pinned_alloc=self._wants_pin(nbytes) and not self._cuda_pinning,
+        )
+
+    def _wants_pin(self, nbytes: int) -> bool:
+        return self.pin_memory and nbytes >= self.pin_memory_min_bytes
+
     @property
     def replaying(self) -> bool:
         """Whether the next plan starts as a replay of the last one."""
@@ -580,14 +593,7 @@ class StateDictStager:
         stage holding the event loop for 142-750 ms while the VM backed
         memory.  Allocated here, they hold a worker thread instead.
         """
-        made = []
-        for nbytes in sizes:
-            pin = self.pin_memory and nbytes >= self.pin_memory_min_bytes
-            made.append(
-                _allocate(
-                    nbytes, shared=self.share_memory, pinned_alloc=pin and not self._cuda_pinning
-                )
-            )
+        made = [self._new_storage(nbytes) for nbytes in sizes]
         for dst in made:
             self._cache.add_spare(dst)
             self._cache.untouched.add(dst._cdata)
@@ -653,18 +659,14 @@ class StateDictStager:
             fresh = dst is None or dst.nbytes() != nbytes
             allocated = False
             if fresh:
-                pin = self.pin_memory and nbytes >= self.pin_memory_min_bytes
+                pin = self._wants_pin(nbytes)
                 dst = cache.spare(nbytes)
                 if dst is not None and dst._cdata in cache.untouched:
                     cache.untouched.discard(dst._cdata)
                     allocated = True  # (allocated ahead, not yet written)
                 if dst is None or dst.is_shared() != self.share_memory:
                     allocated = True
-                    dst = _allocate(
-                        nbytes,
-                        shared=self.share_memory,
-                        pinned_alloc=pin and not self._cuda_pinning,
-                    )
+                    dst = self._new_storage(nbytes)
                 if cache.get(src) is None:
                     new_entries.append(src)
                 cache.put(src, dst)

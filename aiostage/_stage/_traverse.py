@@ -28,7 +28,7 @@ import torch
 
 from aiostage._exceptions import StagingError
 
-__all__ = ["ROOT", "Traversal", "check_stageable", "format_path", "view_on"]
+__all__ = ["ROOT", "Traversal", "check_stageable", "format_path", "stageable", "view_on"]
 
 Path = tuple[Any, ...]
 """A key path as a linked list ``(parent, key)``; built cheaply, formatted on demand."""
@@ -90,9 +90,14 @@ def _loaded_type(module: str, name: str) -> type | None:
     return found if isinstance(found, type) else None
 
 
+def stageable(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a tensor whose bytes can be staged (strided, with data)."""
+    return not (t.layout is not torch.strided or t.is_quantized or t.is_nested or t.is_meta)
+
+
 def check_stageable(t: torch.Tensor, path: Path) -> torch.UntypedStorage:
     """Return ``t``'s untyped storage, or raise a StagingError saying why not."""
-    if t.layout is not torch.strided or t.is_quantized or t.is_nested or t.is_meta:
+    if not stageable(t):
         if t.is_meta:
             reason = "a tensor on the meta device: it holds no data"
         elif t.is_quantized or t.is_nested:
