@@ -44,7 +44,7 @@ from aiostage._exceptions import (
 )
 from aiostage._gc import gc_paused
 from aiostage._load import _into, _records
-from aiostage._load._zipdir import CentralEntry, ZipDirectoryError, read_directory
+from aiostage._load._zipdir import CentralEntry, ZipDirectoryError, read_directory, zip64_values
 from aiostage._persist._writer import use_direct_io
 from aiostage._progress import Progress, check_progress
 from aiostage._threads import GilTurns, run_all, run_sync
@@ -61,7 +61,6 @@ _LOCAL_FMT = struct.Struct("<IHHHHHIIIHH")  # 30 bytes
 _PAGE = mmap.PAGESIZE
 _LOCAL_SIG = b"PK\x03\x04"
 _DESCRIPTOR_SIG = b"PK\x07\x08"
-_ZIP64_ID = 0x0001
 _U32_MAX = 0xFFFFFFFF
 _DESCRIPTOR_FLAG = 0x0008
 _UTF8_FLAG = 0x0800
@@ -152,25 +151,13 @@ def _check_central(path: str, info: CentralEntry) -> None:
         )
 
 
-def _local_zip64(extra: bytes) -> list[int]:
-    """The 64-bit values of a local header's zip64 extra block (none if absent)."""
-    pos = 0
-    while pos + 4 <= len(extra):
-        ident, size = struct.unpack_from("<HH", extra, pos)
-        body = extra[pos + 4 : pos + 4 + size]
-        if ident == _ZIP64_ID:
-            return [v for (v,) in struct.iter_unpack("<Q", body[: len(body) // 8 * 8])]
-        pos += 4 + size
-    return []
-
-
 def _sizes_match(
     info: CentralEntry, fields: tuple[int, int], extra: bytes, descriptor: bool
 ) -> bool:
     """Whether a local header's (uncompressed, compressed) sizes agree with the directory."""
     if fields == (info.file_size, info.compress_size):  # (the usual case)
         return True
-    wide = iter(_local_zip64(extra))
+    wide = iter(zip64_values(extra))
     for field, want in zip(fields, (info.file_size, info.compress_size), strict=True):
         got = field
         if field == _U32_MAX:

@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 from aiostage._threads import GilTurns
 
-__all__ = ["CentralEntry", "ZipDirectoryError", "read_directory"]
+__all__ = ["CentralEntry", "ZipDirectoryError", "read_directory", "zip64_values"]
 
 _EOCD = struct.Struct("<4sHHHHIIH")  # 22 bytes
 _EOCD_SIG = b"PK\x05\x06"
@@ -58,20 +58,23 @@ class CentralEntry(NamedTuple):
         return self.filename.endswith("/")
 
 
-def _zip64_fields(extra: bytes, wanted: int) -> list[int]:
-    """The first ``wanted`` 64-bit values of the zip64 block in a central
-    entry's extra field."""
+def zip64_values(extra: bytes) -> list[int]:
+    """The 64-bit values of the zip64 block in a header's extra field (none
+    if it has no such block).
+
+    Raises:
+        ZipDirectoryError: a block of the extra field runs past its end.
+    """
     pos = 0
     while pos + 4 <= len(extra):
         ident, size = struct.unpack_from("<HH", extra, pos)
         if pos + 4 + size > len(extra):
-            raise ZipDirectoryError("an extra field runs past its entry")
+            raise ZipDirectoryError("an extra field runs past its header")
+        body = extra[pos + 4 : pos + 4 + size]
         if ident == _ZIP64_EXTRA:
-            if size < 8 * wanted:
-                raise ZipDirectoryError("zip64 extra field too short")
-            return list(struct.unpack_from(f"<{wanted}Q", extra, pos + 4))
+            return [v for (v,) in struct.iter_unpack("<Q", body[: len(body) // 8 * 8])]
         pos += 4 + size
-    raise ZipDirectoryError("zip64 sizes or offset without a zip64 extra field")
+    return []
 
 
 def _end_records(fd: int, size: int) -> tuple[int, int, int]:
@@ -166,7 +169,10 @@ def read_directory(fd: int, size: int) -> list[CentralEntry]:
         wide = [usize == _U32_MAX, csize == _U32_MAX, offset == _U32_MAX]
         if any(wide):
             extra = data[start + name_len : start + name_len + extra_len]
-            values = iter(_zip64_fields(extra, sum(wide)))
+            found = zip64_values(extra)
+            if len(found) < sum(wide):
+                raise ZipDirectoryError("zip64 sizes or offset missing from the extra field")
+            values = iter(found)
             if wide[0]:
                 usize = next(values)
             if wide[1]:
