@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
-import mmap
 import os
 import pickle
 import re
@@ -58,7 +57,6 @@ _VERIFY_MAX_RECORDS = 1024
 """Most (small) records checked by one worker-thread step of verification."""
 
 _LOCAL_FMT = struct.Struct("<IHHHHHIIIHH")  # 30 bytes
-_PAGE = mmap.PAGESIZE
 _LOCAL_SIG = b"PK\x03\x04"
 _DESCRIPTOR_SIG = b"PK\x07\x08"
 _U32_MAX = 0xFFFFFFFF
@@ -188,8 +186,7 @@ class _Headers:
         self.fd = os.dup(fd)
         self._drop = False
         if hasattr(os, "posix_fadvise"):
-            state = _records.page_cache_state(self.fd, 0, 0)
-            self._drop = state is not None and state[1] == 0 and 16 * state[0] * _PAGE < size
+            self._drop = _records.nearly_uncached(_records.page_cache_state(self.fd, 0, 0), size)
 
     def read(self, offset: int, nbytes: int) -> bytes:
         return os.pread(self.fd, nbytes, offset)

@@ -247,6 +247,14 @@ def page_cache_state(fd: int, offset: int, length: int) -> tuple[int, int] | Non
     return int(stat.nr_cache), int(stat.nr_dirty)
 
 
+def nearly_uncached(state: tuple[int, int] | None, size: int) -> bool:
+    """Whether a file of ``size`` bytes whose :func:`page_cache_state` is
+    ``state`` is almost all out of the page cache (under 1/16 of it cached,
+    none dirty): then a load may drop what it brought in (see
+    :meth:`DirectReads.close`)."""
+    return state is not None and not state[1] and 16 * state[0] * DIRECT_ALIGN < size
+
+
 class DirectReads:
     """The ``O_DIRECT`` descriptor of the checkpoint for one load, if any.
 
@@ -279,7 +287,7 @@ class DirectReads:
         if 2 * whole[0] * DIRECT_ALIGN < size:  # mostly not cached
             with contextlib.suppress(OSError):  # EINVAL: not supported here
                 self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | flag)
-            self._cold = 16 * whole[0] * DIRECT_ALIGN < size and not whole[1]
+            self._cold = nearly_uncached(whole, size)
 
     def refuse(self) -> None:
         """Read the rest through the page cache (the descriptor stays open

@@ -356,10 +356,10 @@ class DefaultStager(_StagerBase):
     async def _stage_paused(
         self, state_dict: Any, on_plan: Callable[[StagePlan], None] | None
     ) -> Any:
-        # A replayed plan of CPU tensors is checked block by block on the
-        # loop; the copies of checked blocks start meanwhile (EarlyCopies).
         if self.options.use_async_staging and not self._engine.replaying:
             await self._allocate_ahead(state_dict)
+        # A replayed plan of CPU tensors is checked block by block on the
+        # loop; the copies of checked blocks start meanwhile (EarlyCopies).
         early = None
         if self.options.use_async_staging and self._device_ops is None:
             early = EarlyCopies(self.options.threads, self.options.chunk_bytes)
