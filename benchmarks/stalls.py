@@ -1,0 +1,261 @@
+"""What holds the event loop during first calls (a diagnostic, not a benchmark).
+
+Usage::
+
+    python benchmarks/stalls.py --dir /tmp/aiostage-bench [--size-gib 1] [--repeat 5] [--perf]
+
+Prepares the machine as the harness does before its aiostage phases (state A
+made, and the harness's own limit phases run on it, their buffers kept),
+then runs first ``stage()`` and first ``save()`` calls on fresh stagers while a
+ticker records every wake-up later than ``--over`` ms, with its monotonic
+timestamps.
+
+With ``--perf``, ``perf record`` (``cpu-clock`` samples and
+``sched:sched_switch`` events, kernel and native call chains, on the
+``CLOCK_MONOTONIC`` clock) watches the process, and each stall is printed with
+what the loop thread was doing inside it: on the CPU (its sampled stacks), or
+off it (each switch-out, its state and the kernel stack that led there), and
+which other threads held the CPUs meanwhile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import gc
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio.to_thread
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import run
+from run import GIB, Bench, make_state_a, remove
+
+import aiostage
+
+
+@dataclass
+class Stall:
+    label: str
+    start: float
+    end: float
+
+    @property
+    def ms(self) -> float:
+        return (self.end - self.start) * 1e3
+
+
+@dataclass
+class StallTicker:
+    """Sleeps 1 ms in a loop and keeps every gap longer than ``over``."""
+
+    label: str
+    over: float
+    stalls: list[Stall] = field(default_factory=list)
+    ticks: int = 0
+
+    async def run(self) -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(0.001)
+            now = time.monotonic()
+            self.ticks += 1
+            if now - last - 0.001 > self.over:
+                self.stalls.append(Stall(self.label, last + 0.001, now))
+            last = now
+
+
+async def watched(label: str, over: float, coro: Any, stalls: list[Stall]) -> Any:
+    ticker = StallTicker(label, over)
+    task = asyncio.create_task(ticker.run())
+    await asyncio.sleep(0)
+    try:
+        t0 = time.perf_counter()
+        out = await coro
+        took = time.perf_counter() - t0
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    worst = max((s.ms for s in ticker.stalls), default=0.0)
+    print(f"  {label}: {took:.3f} s, {len(ticker.stalls)} stalls, longest {worst:.1f} ms")
+    stalls.extend(ticker.stalls)
+    return out
+
+
+# --- perf -----------------------------------------------------------------------
+
+HEADER = re.compile(r"^\s*(\S.*?)\s+(\d+)\s+(\d+\.\d+):\s+(\d+\s+)?(\S+):\s*(.*)$")
+
+
+@dataclass
+class Event:
+    comm: str
+    tid: int
+    t: float
+    name: str
+    trace: str
+    stack: list[str]
+
+
+def perf_events(data: Path) -> list[Event]:
+    out = subprocess.run(
+        ["perf", "script", "-i", str(data), "-F", "comm,tid,time,event,trace,ip,sym"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    events: list[Event] = []
+    cur: Event | None = None
+    for line in out.splitlines():
+        if not line.strip():
+            cur = None
+            continue
+        if cur is not None and line.startswith(("\t", " " * 8)):
+            parts = line.split(None, 1)
+            cur.stack.append(parts[1] if len(parts) > 1 else parts[0])
+            continue
+        m = HEADER.match(line)
+        if m:
+            cur = Event(m[1], int(m[2]), float(m[3]), m[5], m[6], [])
+            events.append(cur)
+    return events
+
+
+def short(stack: list[str], n: int = 6) -> str:
+    frames = [re.sub(r"\+0x[0-9a-f]+$", "", f) for f in stack[:n]]
+    return " < ".join(frames)
+
+
+def explain(stalls: list[Stall], events: list[Event], loop_tid: int, names: dict[int, str]) -> None:
+    for s in sorted(stalls, key=lambda s: -s.ms):
+        inside = [e for e in events if s.start <= e.t <= s.end]
+        print(f"\n== {s.label}: {s.ms:.1f} ms stall")
+        on_cpu = [e for e in inside if e.tid == loop_tid and e.name == "cpu-clock"]
+        print(f"  loop thread on CPU: {len(on_cpu)} samples")
+        for stack, n in collections.Counter(short(e.stack) for e in on_cpu).most_common(5):
+            print(f"    {n:4d}  {stack}")
+        for e in inside:
+            if e.name.endswith("sched_switch") and f"prev_pid={loop_tid} " in e.trace:
+                state = re.search(r"prev_state=(\S+)", e.trace)
+                print(
+                    f"  loop switched out at +{(e.t - s.start) * 1e3:.1f} ms, "
+                    f"state {state[1] if state else '?'}: {short(e.stack, 8)}"
+                )
+        others = collections.Counter(
+            e.tid for e in inside if e.tid != loop_tid and e.name == "cpu-clock"
+        )
+        for tid, n in others.most_common(4):
+            top = collections.Counter(
+                short(e.stack, 4) for e in inside if e.tid == tid and e.name == "cpu-clock"
+            ).most_common(1)[0][0]
+            print(f"  thread {tid} ({names.get(tid, '?')}): {n} samples, mostly {top}")
+
+
+# --- main -----------------------------------------------------------------------
+
+
+async def amain(args: argparse.Namespace, workdir: Path) -> tuple[list[Stall], dict[int, str]]:
+    """Run the phases; return the stalls and the names of the threads by id."""
+    total = int(args.size_gib * GIB)
+    state = make_state_a(total, torch.device("cpu"))
+    print("the harness's limits for state A (its buffers stay, as there)")
+    bench = Bench(run.parse_args(["--dir", str(workdir)]), torch.device("cpu"), workdir)
+    bench.log = lambda msg: None  # type: ignore[method-assign]
+    bench.limits("A", state)
+    await bench.lag_floor("A")
+    over = args.over / 1e3
+    stalls: list[Stall] = []
+    print("control: 1 GiB copied into fresh memory in a worker thread (no aiostage)")
+    for i in range(args.repeat):
+
+        def fresh_copy() -> None:
+            out = [torch.empty_like(t) for t in state.values()]
+            for dst, src in zip(out, state.values(), strict=True):
+                dst.copy_(src)
+
+        await watched(f"control #{i}", over, anyio.to_thread.run_sync(fresh_copy), stalls)
+        gc.collect()
+    print("first stage() on fresh stagers")
+    for i in range(args.repeat):
+        stager = aiostage.DefaultStager()
+        await watched(f"stage #{i}", over, stager.stage(state), stalls)
+        await stager.close()
+        gc.collect()
+    path = workdir / "stalls.pt"
+    print("first save() on fresh stagers")
+    for i in range(args.repeat):
+        remove(path)
+        stager = aiostage.DefaultStager()
+
+        async def save(st: aiostage.DefaultStager = stager) -> None:
+            handle = await st.save(state, path)
+            await handle.wait()
+
+        await watched(f"save #{i}", over, save(), stalls)
+        await stager.close()
+        gc.collect()
+    remove(path)
+    bench.drop_limits("A")
+    return stalls, {t.native_id: t.name for t in threading.enumerate() if t.native_id}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size-gib", type=float, default=1.0)
+    ap.add_argument("--dir", required=True)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--over", type=float, default=5.0, help="stalls longer than this (ms)")
+    ap.add_argument("--switch-ms", type=float, help="the GIL switch interval to run with (ms)")
+    ap.add_argument("--perf", action="store_true", help="explain each stall with perf")
+    args = ap.parse_args()
+    if args.switch_ms is not None:
+        sys.setswitchinterval(args.switch_ms / 1e3)
+    workdir = Path(args.dir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    data = workdir / "stalls.perf"
+    perf = None
+    if args.perf:
+        events = ["-e", "cpu-clock", "-e", "sched:sched_switch"]
+        perf = subprocess.Popen(
+            [
+                "perf",
+                "record",
+                "-q",
+                "-k",
+                "CLOCK_MONOTONIC",
+                "-F",
+                "1999",
+                "-g",
+                *events,
+                "-p",
+                str(os.getpid()),
+                "-o",
+                str(data),
+            ],
+        )
+        time.sleep(1.0)  # let perf attach
+    stalls, names = asyncio.run(amain(args, workdir))
+    if perf is not None:
+        perf.send_signal(signal.SIGINT)
+        perf.wait()
+        explain(stalls, perf_events(data), threading.get_native_id(), names)
+        data.unlink()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
