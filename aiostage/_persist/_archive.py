@@ -45,6 +45,8 @@ from typing import Any
 
 import torch
 
+from aiostage._threads import GilTurns
+
 ALIGNMENT = 64
 """Data alignment of every record, as ``torch.save`` writes it."""
 
@@ -131,7 +133,9 @@ class ArchivePlan:
     head: bytes = b""
 
     def tail_bytes(self) -> bytes:
-        """The trailing records, the central directory and the end records."""
+        """The trailing records, the central directory and the end records
+        (for a worker thread: it hands the GIL over now and then)."""
+        turn = GilTurns()
         out = bytearray()
         for rec in self.tail_records:
             out += _local_header_for(
@@ -149,6 +153,7 @@ class ArchivePlan:
         central = bytearray()
         for name, size, crc, offset, zip64 in entries:
             central += _central_header(name, size, crc, offset, zip64)
+            turn()
         out += central
         out += _end_records(
             len(entries),
@@ -178,8 +183,12 @@ class _StatePickler(pickle.Pickler):
         self.records: list[StorageRecord] = []
         self._keys: dict[int, str] = {}
         self._dtypes: dict[int, torch.dtype] = {}
+        # Called for every object pickled; torch's tensor reduction is
+        # Python, 25 us a tensor: let the event loop have the GIL.
+        self._turn = GilTurns()
 
     def persistent_id(self, obj: Any) -> Any:
+        self._turn()
         if isinstance(obj, torch.storage.TypedStorage):
             storage = obj._untyped_storage
             dtype = obj.dtype
@@ -215,7 +224,8 @@ def pickle_state(obj: object) -> tuple[bytes, list[StorageRecord]]:
     """Pickle ``obj``; return the pickle and its storages, in key order.
 
     Reads only metadata, never a storage's bytes, so it may run while the
-    storages are still being filled.
+    storages are still being filled.  For a worker thread: it hands the GIL
+    over every millisecond (see :class:`aiostage._threads.GilTurns`).
     """
     buf = io.BytesIO()
     pickler = _StatePickler(buf)
@@ -386,7 +396,9 @@ def plan_archive(
         offset = rec.data_offset + len(rec.data)
     payload = len(pickled)
     planned = list(storages)
+    turn = GilTurns()
     for s in planned:
+        turn()
         s.name = f"{top}/data/{s.key}"
         s.header_offset = offset
         s.zip64 = _needs_zip64(offset, s.nbytes, force_zip64)

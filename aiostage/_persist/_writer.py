@@ -62,10 +62,11 @@ from pathlib import Path
 import torch
 
 from aiostage._exceptions import PersistError
+from aiostage._gc import gc_paused
 from aiostage._memory import release_free_memory
 from aiostage._persist import _archive, _atomic
 from aiostage._progress import Progress, check_progress
-from aiostage._threads import BackgroundPool, run_background
+from aiostage._threads import BackgroundPool, GilTurns, run_background
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
@@ -138,7 +139,9 @@ def _batches(
     batches: list[list[_Piece]] = []
     current: list[_Piece] = []
     filled = 0
+    turn = GilTurns()
     for rec in storages:
+        turn()
         start = 0
         while True:
             take = min(rec.nbytes - start, chunk - filled)
@@ -480,7 +483,8 @@ async def persist(
     crcs: list[concurrent.futures.Future[None]] = []
     deferred: list[list[_Piece]] = []
     try:
-        plan = await run_background(_prepare, obj, _force_zip64, direct)
+        with gc_paused():  # pickling makes an object or more per tensor (see aiostage._gc)
+            plan = await run_background(_prepare, obj, _force_zip64, direct)
         # A checkpoint replaced by an earlier write is freed by now.
         await run_background(_wait_releases)
         total = plan.payload_bytes
@@ -491,7 +495,8 @@ async def persist(
         done = len(plan.head_records[0].data)
         if progress is not None:
             progress(done, total)
-        batches = await run_background(_batches, plan.storages, max(1, _chunk_bytes))
+        with gc_paused():  # (a piece object per storage)
+            batches = await run_background(_batches, plan.storages, max(1, _chunk_bytes))
         for batch in batches:
             if wait_ready is not None:
                 for piece in batch:

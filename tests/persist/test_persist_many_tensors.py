@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import itertools
 import os
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -23,20 +25,28 @@ from aiostage._persist import _writer
 COUNT = 50_000
 
 
-@pytest.fixture
-def fifty_k_state() -> Iterator[dict[str, Any]]:
-    """50,000 tiny tensors, with the heap frozen afterwards.
+@contextlib.contextmanager
+def frozen_state(count: int) -> Iterator[dict[str, Any]]:
+    """``count`` tiny tensors, with the heap frozen afterwards.
 
     A full collection of the cyclic GC scans every tracked object in the
     process, so with this many objects alive it pauses whatever runs, with or
     without aiostage; freezing the heap built before the test (as trainers do
     after set-up) leaves the lag that persisting causes.
     """
-    state = {f"layer{i}.w": torch.full((2,), float(i)) for i in range(COUNT)}
+    state = {f"layer{i}.w": torch.full((2,), float(i)) for i in range(count)}
     gc.collect()
     gc.freeze()
-    yield state
-    gc.unfreeze()
+    try:
+        yield state
+    finally:
+        gc.unfreeze()
+
+
+@pytest.fixture
+def fifty_k_state() -> Iterator[dict[str, Any]]:
+    with frozen_state(COUNT) as state:
+        yield state
 
 
 @pytest.mark.slow
@@ -140,3 +150,25 @@ async def test_async_progress_is_rejected(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match="progress"):
         await aiostage.persist({"a": torch.ones(2)}, tmp_path / "c.pt", progress=progress)  # type: ignore[arg-type]
     assert not os.listdir(tmp_path)  # refused before anything was written
+
+
+async def test_pickling_and_laying_out_many_tensors_hand_the_gil_to_the_loop(
+    tmp_path: Path,
+) -> None:
+    """The writer's pure-Python steps (pickling, the archive's layout, the
+    write batches, the central directory) run in a worker thread and hand
+    the GIL over every millisecond.  Without that the loop waits a whole
+    switch interval each time it wants the GIL; the switch interval is
+    raised to 0.1 s here so that such a wait cannot pass for noise."""
+    before = sys.getswitchinterval()
+    with frozen_state(10_000) as state:
+        sys.setswitchinterval(0.1)
+        try:
+            async with LoopTicker() as ticker:
+                path = await aiostage.persist(state, tmp_path / "many.pt")
+        finally:
+            sys.setswitchinterval(before)
+    assert ticker.ticks > 10
+    assert ticker.max_gap < 0.05, ticker.max_gap
+    loaded = torch.load(path, weights_only=True)
+    assert torch.equal(loaded["layer9999.w"], state["layer9999.w"])
