@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import os
 import statistics
 import time
 from collections.abc import Iterator
@@ -95,6 +96,19 @@ class GcWatch:
             "gc_full_count": len(full),
             "gc_max_ms": max((d for _, d in self.pauses), default=0.0) * 1e3,
         }
+
+
+# --- the hypervisor -------------------------------------------------------------
+
+
+def steal_ms() -> float:
+    """CPU time the hypervisor gave to something else while this VM's CPUs
+    wanted to run, all CPUs together, in ms (``/proc/stat``'s steal column,
+    counted in ticks of 10 ms); 0 on bare metal.  Its rise over a phase
+    tells a stall of the VM apart from one of the code measured."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()
+    return int(fields[8]) * 1000 / os.sysconf("SC_CLK_TCK")
 
 
 # --- resident memory ------------------------------------------------------------

@@ -42,17 +42,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import run
+from _measure import steal_ms
 from run import GIB, Bench, make_state_a, remove
 
 import aiostage
-
-
-def steal_ms() -> float:
-    """Time the hypervisor ran something else on this VM's CPUs, all CPUs
-    together (``/proc/stat``, in 10 ms ticks): 0 on bare metal."""
-    with open("/proc/stat") as f:
-        fields = f.readline().split()
-    return int(fields[8]) * 1000 / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
