@@ -614,3 +614,37 @@ def test_fresh_sizes_gives_the_loop_turns_over_cached_tensors_too() -> None:
     except StopIteration as done:
         assert done.value == []
     assert turns >= 500 // 64
+
+
+def test_a_traversed_plan_groups_its_requests_by_device_as_it_goes() -> None:
+    """The traversal groups the requests by source device while it builds
+    them (asking 20,000 storages for their device afterwards held the loop
+    for 5 ms); the groups are the plan's requests, in order, each once."""
+    stager = StateDictStager()
+    base = torch.randn(64)
+    sd = {"a": torch.randn(8), "view": base[2:10], "b": [torch.randn(3), base], "c": 7}
+    plan = _plan_of(stager, sd)
+    assert plan._by_device is not None  # grouped during the plan, not on demand
+    expected: dict[torch.device, list[int]] = {}
+    for index, req in enumerate(plan.requests):
+        expected.setdefault(req.src.device, []).append(index)
+    assert plan.by_device() == expected == {torch.device("cpu"): [0, 1, 2]}
+
+
+def test_a_first_stage_leaves_few_collector_tracked_objects_per_tensor() -> None:
+    """Every object a first stage leaves alive is scanned by the next young
+    collection, which runs on the loop right after the stage (about 1 us an
+    object: 18-21 ms for 20,000 tensors).  What stays per tensor: the staged
+    tensor, its torch.Size, both storages' Python objects, two keyed weak
+    references and a replay one, the cache entry and a tuple; no per-entry
+    bound method (one per cache is shared)."""
+    count = 2000
+    sd = {f"t{i}": torch.randn(4) for i in range(count)}
+    stager = StateDictStager()
+    gc.collect()
+    before = len(gc.get_objects())
+    staged = stager.stage(sd)
+    gc.collect()
+    per_tensor = (len(gc.get_objects()) - before) / count
+    assert len(staged) == count
+    assert per_tensor < 9.5, per_tensor
