@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import run
 from _measure import steal_ms
-from run import GIB, Bench, make_state_a, remove
+from run import GIB, Bench, drop_cache, make_state_a, remove
 
 import aiostage
 
@@ -210,6 +210,12 @@ async def amain(args: argparse.Namespace, workdir: Path) -> tuple[list[Stall], d
 
         await watched(f"save #{i}", over, save(), stalls)
         await stager.close()
+        gc.collect()
+    print("cold load() of the last save")
+    for i in range(args.repeat):
+        drop_cache(path)
+        loaded = await watched(f"load #{i}", over, aiostage.load(path), stalls)
+        del loaded
         gc.collect()
     remove(path)
     bench.drop_limits("A")
