@@ -143,3 +143,37 @@ def test_refused_direct_write_falls_back_to_the_page_cache(tmp_path: Path) -> No
     finally:
         temp.discard()
     assert os.listdir(tmp_path) == []
+
+
+@needs_direct
+async def test_with_direct_writes_the_writer_writes_the_local_headers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A header written from the CRC thread waited for the writer's direct
+    write in flight (ext4 holds the inode lock through an extending O_DIRECT
+    write), so with direct writes the CRC thread leaves the headers to the
+    writer, which writes each once, between its own writes or with the tail."""
+    import threading
+
+    from aiostage._persist import _atomic
+
+    state = odd_state()
+    writes: list[tuple[str, int]] = []
+    real = _atomic.write_all
+
+    def write_all(fd: int, data: object, offset: int) -> None:
+        writes.append((threading.current_thread().name, offset))
+        real(fd, data, offset)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_atomic, "write_all", write_all)
+    path = tmp_path / "direct.pt"
+    await persist(state, path, _chunk_bytes=MiB + 100)
+    pickled, storages = _archive.pickle_state(state)
+    plan = _archive.plan_archive(pickled, storages, direct_min=DIRECT_MIN_BYTES)
+    headers = [s.header_offset for s in plan.storages]
+    by_offset = [(name, off) for name, off in writes if off in headers]
+    assert sorted(off for _, off in by_offset) == sorted(headers)  # each once
+    assert not any(name.startswith("aiostage-crc") for name, _ in writes)
+    with zipfile.ZipFile(path) as zf:
+        assert zf.testzip() is None  # every CRC-32 matches
+    assert_same(await aiostage.load(path, verify=True), state)
