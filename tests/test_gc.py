@@ -6,13 +6,15 @@ from __future__ import annotations
 import asyncio
 import gc
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from aiostage import DefaultStager
+from aiostage import DefaultStager, PersistError, persist
 from aiostage._gc import gc_paused
+from aiostage._persist import _archive, _writer
 
 
 @pytest.fixture
@@ -98,16 +100,12 @@ class _Unstageable:
 
 @pytest.mark.usefixtures("collector_on")
 async def test_a_write_pickles_and_lays_out_its_batches_with_the_collector_paused(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """Pickling 10,000 tensors in the writer's thread set off an 85 ms full
     collection, with the loop waiting for the GIL; the collector is off for
     the pickling and the batching now, and on again afterwards, after a
     failed write too."""
-    from aiostage import persist
-    from aiostage._exceptions import PersistError
-    from aiostage._persist import _archive, _writer
-
     enabled: list[tuple[str, bool]] = []
     real_pickle, real_batches = _archive.pickle_state, _writer._batches
 

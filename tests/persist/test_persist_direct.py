@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 import zipfile
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import torch
 from _pagecache import needs_direct, resident_fraction
 
 import aiostage
-from aiostage._persist import _archive, _writer
+from aiostage._persist import _archive, _atomic, _writer
 from aiostage._persist._writer import DIRECT_IO_ENV, DIRECT_MIN_BYTES, persist
 
 MiB = 1024 * 1024
@@ -153,10 +154,6 @@ async def test_with_direct_writes_the_writer_writes_the_local_headers(
     write in flight (ext4 holds the inode lock through an extending O_DIRECT
     write), so with direct writes the CRC thread leaves the headers to the
     writer, which writes each once, between its own writes or with the tail."""
-    import threading
-
-    from aiostage._persist import _atomic
-
     state = odd_state()
     writes: list[tuple[str, int]] = []
     real = _atomic.write_all
