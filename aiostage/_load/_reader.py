@@ -481,10 +481,7 @@ async def _read_state(
     Raises:
         Unsupported: the archive needs ``torch.load`` (see ``_records``).
     """
-    prefix = _records.archive_prefix(entries)
-    by_name = {e.name: e for e in entries}
-    records = _records.storage_records(entries, prefix)
-    sizes = {key: e.size for key, e in records.items()}
+    prefix, by_name, records, sizes = await run_sync(_records.index_entries, entries)
     check = _records.sized(path, sizes)
     allow = functools.partial(_allowing, safe_globals)
     fd = await _open_read_only(path)

@@ -62,6 +62,7 @@ __all__ = [
     "Unsupported",
     "archive_prefix",
     "check_byteorder",
+    "index_entries",
     "plan_reads",
     "read_batch",
     "read_record",
@@ -143,6 +144,18 @@ def storage_records(entries: Sequence[RecordEntry], prefix: str) -> dict[str, Re
         for e in entries
         if e.name.startswith(data) and "/" not in e.name[len(data) :]
     }
+
+
+def index_entries(
+    entries: Sequence[RecordEntry],
+) -> tuple[str, dict[str, RecordEntry], dict[str, RecordEntry], dict[str, int]]:
+    """The archive's prefix, its records by name, its storage records by key
+    and their sizes by key (for a worker thread: for 20,000 records these
+    dicts take 9-10 ms to build, which held the event loop in one step)."""
+    prefix = archive_prefix(entries)
+    by_name = {e.name: e for e in entries}
+    records = storage_records(entries, prefix)
+    return prefix, by_name, records, {key: e.size for key, e in records.items()}
 
 
 def plan_reads(

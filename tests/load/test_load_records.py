@@ -315,3 +315,28 @@ async def test_the_garbage_collector_is_paused_while_a_load_unpickles(
     assert enabled == [False]
     assert gc.isenabled()  # and on again afterwards
     assert_same(loaded, sd)
+
+
+@pytest.mark.parametrize("into", [False, True])
+async def test_the_records_are_indexed_in_a_worker_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, into: bool
+) -> None:
+    """Indexing the archive's records by name and key took 9-10 ms for
+    20,000 records, in one step of the event loop; it runs in a worker
+    thread, and an archive without a data.pkl still says so."""
+    sd = {f"t{i}": torch.full((4,), float(i)) for i in range(10)}
+    path = await aiostage.persist(sd, tmp_path / "ckpt.pt")
+    threads: list[int] = []
+    real = _records.index_entries
+
+    def index_entries(*args: Any) -> Any:
+        threads.append(threading.get_ident())
+        return real(*args)
+
+    monkeypatch.setattr(_records, "index_entries", index_entries)
+    target = {k: torch.zeros(4) for k in sd} if into else None
+    loaded = await aiostage.load(path, into=target)
+    assert len(threads) == 1 and threads[0] != threading.get_ident()
+    assert_same(loaded, sd)
+    with pytest.raises(_records.Unsupported, match=r"no top-level data\.pkl"):
+        real([])
