@@ -186,7 +186,7 @@ class _Headers:
         self.fd = os.dup(fd)
         self._drop = False
         if hasattr(os, "posix_fadvise"):
-            self._drop = _records.nearly_uncached(_records.page_cache_state(self.fd, 0, 0), size)
+            self._drop = _records.uncached(_records.page_cache_state(self.fd, 0, 0), size, 16)
 
     def read(self, offset: int, nbytes: int) -> bytes:
         return os.pread(self.fd, nbytes, offset)

@@ -260,12 +260,15 @@ def page_cache_state(fd: int, offset: int, length: int) -> tuple[int, int] | Non
     return int(stat.nr_cache), int(stat.nr_dirty)
 
 
-def nearly_uncached(state: tuple[int, int] | None, size: int) -> bool:
-    """Whether a file of ``size`` bytes whose :func:`page_cache_state` is
-    ``state`` is almost all out of the page cache (under 1/16 of it cached,
-    none dirty): then a load may drop what it brought in (see
-    :meth:`DirectReads.close`)."""
-    return state is not None and not state[1] and 16 * state[0] * DIRECT_ALIGN < size
+def uncached(state: tuple[int, int] | None, size: int, share: int) -> bool:
+    """Whether ``size`` bytes whose :func:`page_cache_state` is ``state``
+    are out of the page cache but for under ``1/share`` of them, none dirty.
+
+    Under 1/16 of a file: almost none of it, so a load may drop what it
+    brought in (see :meth:`DirectReads.close`).  Under half of a range: a
+    direct read of it is worth it (see :meth:`DirectReads._read_uncached`).
+    """
+    return state is not None and not state[1] and share * state[0] * DIRECT_ALIGN < size
 
 
 class DirectReads:
@@ -300,7 +303,7 @@ class DirectReads:
         if 2 * whole[0] * DIRECT_ALIGN < size:  # mostly not cached
             with contextlib.suppress(OSError):  # EINVAL: not supported here
                 self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | flag)
-            self._cold = nearly_uncached(whole, size)
+            self._cold = uncached(whole, size, 16)
 
     def refuse(self) -> None:
         """Read the rest through the page cache (the descriptor stays open
@@ -371,8 +374,7 @@ class DirectReads:
         dfd = self.fd
         if dfd is None:
             return None
-        state = page_cache_state(fd, offset, nbytes)
-        if state is None or state[1] or 2 * state[0] * DIRECT_ALIGN >= nbytes:
+        if not uncached(page_cache_state(fd, offset, nbytes), nbytes, 2):
             return None
         try:
             got = os.preadv(dfd, buffers, offset)
