@@ -43,7 +43,7 @@ from aiostage._exceptions import (
 )
 from aiostage._gc import gc_paused
 from aiostage._load import _into, _records
-from aiostage._load._zipdir import CentralEntry, ZipDirectoryError, read_directory, zip64_values
+from aiostage._load._zipdir import CentralEntry, ZipDirectoryError, read_directory, widen
 from aiostage._persist._writer import use_direct_io
 from aiostage._progress import Progress, check_progress
 from aiostage._threads import GilTurns, run_all, run_sync
@@ -153,16 +153,13 @@ def _sizes_match(
     info: CentralEntry, fields: tuple[int, int], extra: bytes, descriptor: bool
 ) -> bool:
     """Whether a local header's (uncompressed, compressed) sizes agree with the directory."""
-    if fields == (info.file_size, info.compress_size):  # (the usual case)
+    wanted = (info.file_size, info.compress_size)
+    if fields == wanted:  # (the usual case)
         return True
-    wide = iter(zip64_values(extra))
-    for field, want in zip(fields, (info.file_size, info.compress_size), strict=True):
-        got = field
-        if field == _U32_MAX:
-            got = next(wide, -1)
-        if got != want and not (descriptor and got == 0):
-            return False
-    return True
+    got = widen(fields, extra)
+    return got is not None and all(
+        g == w or (descriptor and g == 0) for g, w in zip(got, wanted, strict=True)
+    )
 
 
 class _Headers:

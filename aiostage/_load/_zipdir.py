@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 from aiostage._threads import GilTurns
 
-__all__ = ["CentralEntry", "ZipDirectoryError", "read_directory", "zip64_values"]
+__all__ = ["CentralEntry", "ZipDirectoryError", "read_directory", "widen", "zip64_values"]
 
 _EOCD = struct.Struct("<4sHHHHIIH")  # 22 bytes
 _EOCD_SIG = b"PK\x05\x06"
@@ -75,6 +75,25 @@ def zip64_values(extra: bytes) -> list[int]:
             return [v for (v,) in struct.iter_unpack("<Q", body[: len(body) // 8 * 8])]
         pos += 4 + size
     return []
+
+
+def widen(fields: tuple[int, ...], extra: bytes) -> tuple[int, ...] | None:
+    """``fields`` with each one at ``0xFFFFFFFF`` (stands for "in the zip64
+    block") replaced, in order, by the next value of the zip64 block in the
+    header's ``extra`` field; ``None`` where the block holds too few.
+
+    Raises:
+        ZipDirectoryError: a block of the extra field runs past its end.
+    """
+    values = iter(zip64_values(extra))
+    out = []
+    for field in fields:
+        if field == _U32_MAX:
+            field = next(values, -1)
+            if field < 0:
+                return None
+        out.append(field)
+    return tuple(out)
 
 
 def _end_records(fd: int, size: int) -> tuple[int, int, int]:
@@ -166,19 +185,12 @@ def read_directory(fd: int, size: int) -> list[CentralEntry]:
         if pos > cd_size:
             raise ZipDirectoryError("a central directory entry runs past the directory")
         raw_name = data[start : start + name_len]
-        wide = [usize == _U32_MAX, csize == _U32_MAX, offset == _U32_MAX]
-        if any(wide):
+        if _U32_MAX in (usize, csize, offset):
             extra = data[start + name_len : start + name_len + extra_len]
-            found = zip64_values(extra)
-            if len(found) < sum(wide):
+            wide = widen((usize, csize, offset), extra)
+            if wide is None:
                 raise ZipDirectoryError("zip64 sizes or offset missing from the extra field")
-            values = iter(found)
-            if wide[0]:
-                usize = next(values)
-            if wide[1]:
-                csize = next(values)
-            if wide[2]:
-                offset = next(values)
+            usize, csize, offset = wide
         try:
             name = raw_name.decode("utf-8" if flags & _UTF8_FLAG else "cp437")
         except UnicodeDecodeError as exc:
