@@ -231,6 +231,27 @@ def raw_read(buf: torch.Tensor, path: Path) -> None:
         os.close(fd)
 
 
+def fresh_copy_pieces(buf: torch.Tensor) -> list[torch.Tensor]:
+    """``buf`` in 200 pieces, state A's tensor size."""
+    return list(torch.chunk(buf, 200))
+
+
+def copy_into_fresh_mappings(pieces: list[torch.Tensor]) -> list[mmap.mmap]:
+    """Copy each piece into a new private anonymous mapping (what a first
+    stage copies into); the mappings, for :func:`unmap`."""
+    maps = []
+    for src in pieces:
+        fresh = mmap.mmap(-1, src.numel(), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        torch.frombuffer(fresh, dtype=torch.uint8).copy_(src)
+        maps.append(fresh)
+    return maps
+
+
+def unmap(maps: list[mmap.mmap]) -> None:
+    for m in maps:
+        m.close()
+
+
 # --- the harness ----------------------------------------------------------------
 
 
@@ -441,35 +462,22 @@ class Bench:
             setup=lambda: remove(path),
         )
         remove(path)
-        if tag != "A":
-            return
-        # The same for a first stage's memory: the bytes copied in pieces of
-        # state A's tensor size into new private mappings (what a first stage
-        # copies into), in a thread.  On a VM whose host backs guest memory
-        # lazily, first touches of memory can stall the whole VM, the event
-        # loop with it.
-        pieces = torch.chunk(buf, 200)
 
-        def fresh_copy() -> list[mmap.mmap]:
-            maps = []
-            for src in pieces:
-                fresh = mmap.mmap(-1, src.numel(), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-                torch.frombuffer(fresh, dtype=torch.uint8).copy_(src)
-                maps.append(fresh)
-            return maps
-
-        def unmap(maps: list[mmap.mmap]) -> None:  # untimed, as a first stage's close()
-            for m in maps:
-                m.close()
-
+    async def fresh_memory_floor(self, tag: str) -> None:
+        """The same for a first stage's memory: the bytes copied in pieces of
+        state A's tensor size into new private mappings (what a first stage
+        copies into), in a thread.  On a VM whose host backs guest memory
+        lazily, first touches of memory can stall the whole VM, the event
+        loop with it."""
+        pieces = fresh_copy_pieces(self.bufs[tag])
         await self.time_async(
             self.phase(
                 f"{tag}.fresh_copy_thread",
                 f"{tag}: copy into fresh memory in a thread",
-                buf.numel(),
+                self.bufs[tag].numel(),
             ),
-            lambda: anyio.to_thread.run_sync(fresh_copy),
-            after=unmap,
+            lambda: anyio.to_thread.run_sync(copy_into_fresh_mappings, pieces),
+            after=unmap,  # untimed, as a first stage's close()
         )
 
     def drop_limits(self, tag: str) -> None:
@@ -1200,6 +1208,7 @@ async def amain(args: argparse.Namespace) -> int:
     b.log("limits (A)")
     b.limits("A", state_a)
     await b.lag_floor("A")
+    await b.fresh_memory_floor("A")
     b.log("aiostage (A)")
     await b.stage_phases("A", state_a)
     b.drop_limits("A")

@@ -43,7 +43,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import run
 from _measure import steal_ms
-from run import GIB, Bench, drop_cache, make_state_a, remove
+from run import (
+    GIB,
+    Bench,
+    copy_into_fresh_mappings,
+    drop_cache,
+    fresh_copy_pieces,
+    make_state_a,
+    remove,
+    unmap,
+)
 
 import aiostage
 
@@ -182,15 +191,11 @@ async def amain(args: argparse.Namespace, workdir: Path) -> tuple[list[Stall], d
     await bench.lag_floor("A")
     over = args.over / 1e3
     stalls: list[Stall] = []
-    print("control: 1 GiB copied into fresh memory in a worker thread (no aiostage)")
+    print("control: the harness's copy into fresh memory in a worker thread (no aiostage)")
+    pieces = fresh_copy_pieces(bench.bufs["A"])
     for i in range(args.repeat):
-
-        def fresh_copy() -> None:
-            out = [torch.empty_like(t) for t in state.values()]
-            for dst, src in zip(out, state.values(), strict=True):
-                dst.copy_(src)
-
-        await watched(f"control #{i}", over, anyio.to_thread.run_sync(fresh_copy), stalls)
+        copy = anyio.to_thread.run_sync(copy_into_fresh_mappings, pieces)
+        unmap(await watched(f"control #{i}", over, copy, stalls))
         gc.collect()
     print("first stage() on fresh stagers")
     for i in range(args.repeat):
