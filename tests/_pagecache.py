@@ -1,5 +1,5 @@
-"""Test helpers: whether direct I/O works in a directory, and how much of a
-file the page cache holds."""
+"""Test helpers: whether direct I/O works in a directory, whether the kernel
+can say what the page cache holds, and how much of a file it holds."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import os
 from pathlib import Path
 
 import pytest
+
+from aiostage._load import _records
 
 PAGE = mmap.PAGESIZE
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -35,6 +37,17 @@ needs_direct = pytest.mark.skipif(
     not direct_io_works(Path(os.environ.get("TMPDIR", "/tmp"))),
     reason="the temp file system refuses O_DIRECT",
 )
+
+
+def needs_cachestat(path: Path) -> None:
+    """Skip the test where the kernel cannot say what of ``path`` the page
+    cache holds (``cachestat``, Linux 6.5+), as aiostage asks it."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if _records.page_cache_state(fd, 0, 0) is None:
+            pytest.skip("no cachestat (Linux < 6.5): the page cache cannot be asked")
+    finally:
+        os.close(fd)
 
 
 def resident_fraction(path: Path) -> float:

@@ -11,7 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from _pagecache import evict, needs_direct, read_through_cache, resident_fraction
+from _pagecache import (
+    evict,
+    needs_cachestat,
+    needs_direct,
+    read_through_cache,
+    resident_fraction,
+)
 from _reads import small_read_batches
 
 import aiostage
@@ -258,8 +264,7 @@ def test_page_cache_state_counts_cached_and_dirty_pages(tmp_path: Path) -> None:
     path = tmp_path / "f"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        if _records.page_cache_state(fd, 0, 0) is None:
-            pytest.skip("no cachestat (Linux 6.5+)")
+        needs_cachestat(path)
         os.write(fd, b"x" * (64 * 4096))
         cached, dirty = _records.page_cache_state(fd, 0, 64 * 4096) or (0, 0)
         assert (cached, dirty) == (64, 64)
@@ -292,15 +297,6 @@ async def test_dirty_pages_are_read_through_the_cache(tmp_path: Path) -> None:
         assert direct.read(fd, window, start + 1024 * 1024) == 1024 * 1024  # clean, cold
     finally:
         direct.close()
-        os.close(fd)
-
-
-def needs_cachestat(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        if _records.page_cache_state(fd, 0, 0) is None:
-            pytest.skip("no cachestat (Linux < 6.5): the page cache cannot be asked")
-    finally:
         os.close(fd)
 
 
