@@ -23,8 +23,9 @@ from aiostage import (
     StagerClosedError,
     StagingError,
     StagingOptions,
+    StateDictStager,
 )
-from aiostage._stage import _plan
+from aiostage._stage import _engine, _plan
 
 MiB = 1024 * 1024
 
@@ -376,8 +377,6 @@ async def test_a_first_stage_maps_its_buffers_off_the_event_loop(
     """Mapping memory is a system call that can wait in the kernel (single
     calls held the loop for 142-750 ms on the development VM): a first
     stage allocates its staging storages in a worker thread."""
-    from aiostage._stage import _engine
-
     loop_thread = threading.get_ident()
     threads: list[int] = []
     real = _engine._allocate
@@ -412,8 +411,6 @@ async def test_a_replayed_stage_does_not_walk_the_state_for_allocations(
 ) -> None:
     """The walk that finds what to allocate ahead costs ~1.6 us per tensor;
     a plan that replays the last one allocates nothing."""
-    from aiostage import StateDictStager
-
     walks: list[int] = []
     real = StateDictStager.fresh_sizes
 
