@@ -50,6 +50,7 @@ __all__ = [
     "run_all",
     "run_background",
     "run_sync",
+    "run_sync_stoppable",
     "uncancelled",
 ]
 
@@ -100,6 +101,37 @@ async def run_sync(
     """
     call = functools.partial(func, *args)
     return await uncancelled(anyio.to_thread.run_sync(call, limiter=limiter))
+
+
+async def run_sync_stoppable(
+    func: Callable[..., T], *args: object, limiter: anyio.CapacityLimiter | None = None
+) -> T:
+    """Run ``func(stop, *args)`` in a worker thread; return its result.
+
+    ``stop`` is a :class:`threading.Event` that is set at the first
+    cancellation; ``func`` checks it between its steps and returns early.
+    One thread step for a long series of steps, rather than a
+    :func:`run_sync` call for each: every hop between the event loop and a
+    worker thread is a wake-up each way, and the scheduler then tends to put
+    the worker on the loop's core, where it takes the core from the loop (see
+    ``aiostage._load._reader``).
+
+    Cancellation:
+        ``stop`` is set and the thread is waited for (never abandoned),
+        further cancellations absorbed meanwhile; then the first
+        cancellation is re-raised and the result or error discarded.
+    """
+    stop = threading.Event()
+    call = functools.partial(func, stop, *args)
+    step = asyncio.ensure_future(anyio.to_thread.run_sync(call, limiter=limiter))
+    try:
+        return await asyncio.shield(step)
+    except asyncio.CancelledError:
+        stop.set()
+        await uncancelled(asyncio.wait([step]))
+        if not step.cancelled():
+            step.exception()  # retrieved: superseded by the cancellation
+        raise
 
 
 async def run_all(jobs: Sequence[Callable[[], Awaitable[Any]]]) -> None:

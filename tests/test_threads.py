@@ -18,7 +18,13 @@ from _ticker import LoopTicker
 
 import aiostage
 from aiostage import _threads
-from aiostage._threads import GilTurns, run_background, run_sync, uncancelled
+from aiostage._threads import (
+    GilTurns,
+    run_background,
+    run_sync,
+    run_sync_stoppable,
+    uncancelled,
+)
 
 
 async def test_anyio_cancel_waits_for_the_thread_without_spinning() -> None:
@@ -70,6 +76,61 @@ async def test_uncancelled_returns_the_result_when_not_cancelled() -> None:
         return 7
 
     assert await uncancelled(value()) == 7
+
+
+async def test_stoppable_step_returns_its_result_and_raises_its_error() -> None:
+    def steps(stop: threading.Event, n: int) -> int:
+        return n * 2 if not stop.is_set() else -1
+
+    assert await run_sync_stoppable(steps, 21) == 42
+
+    def fails(stop: threading.Event) -> None:
+        raise OSError(5, "boom")
+
+    with pytest.raises(OSError, match="boom"):
+        await run_sync_stoppable(fails)
+
+
+@pytest.mark.parametrize("how", ["task", "anyio"])
+async def test_cancel_stops_a_stoppable_step_between_steps(how: str) -> None:
+    """Cancelled, the step's stop event is set; the step in flight finishes
+    (the thread is waited for), no further step starts, and the
+    cancellation is raised."""
+    started = asyncio.Event()
+    release = threading.Event()
+    loop = asyncio.get_running_loop()
+    done: list[int] = []
+    outcome: list[str] = []
+
+    def steps(stop: threading.Event) -> None:
+        for i in range(1000):
+            if stop.is_set():
+                outcome.append("stopped")
+                return
+            loop.call_soon_threadsafe(started.set)
+            release.wait(timeout=30)
+            done.append(i)
+        outcome.append("ran to the end")
+
+    if how == "task":
+        task = asyncio.create_task(run_sync_stoppable(steps))
+        await started.wait()
+        task.cancel()
+        loop.call_soon(release.set)  # the step in flight ends after the cancel
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    else:
+        with anyio.CancelScope() as scope:
+
+            def cancel(_: object) -> None:
+                scope.cancel()
+                loop.call_soon(release.set)
+
+            asyncio.ensure_future(started.wait()).add_done_callback(cancel)
+            await run_sync_stoppable(steps)
+        assert scope.cancelled_caught
+    assert outcome == ["stopped"]  # the thread was waited for
+    assert done == [0]  # only the step in flight when cancelled
 
 
 def _busy(seconds: float, turn: GilTurns | None) -> int:

@@ -12,6 +12,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import anyio.to_thread
 import pytest
 import torch
 from _compare import assert_same, write
@@ -211,6 +212,37 @@ async def test_cancel_stops_readers_between_batches(
     assert stats["in_flight"] == 0
     threads = max(_reader.READ_THREADS, _reader.COLD_READ_THREADS)
     assert stats["started"] <= threads  # 62 batches in all; none began after
+
+
+async def test_each_reader_reads_all_its_batches_in_one_thread_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The readers do not hand back to the event loop between batches (a
+    hop per batch drew a reader onto the loop's core, see READ_THREADS):
+    a load's worker-thread steps do not grow with its batches."""
+    want = torch.randn(1_000_000)
+    path = await aiostage.persist({"w": want}, tmp_path / "ckpt.pt")
+    small_read_batches(monkeypatch, 64 * 1024)
+    read = [0]
+    real_read = _records.read_batch
+
+    def counted(path: str, fd: int, batch: _records.ReadBatch, *direct: object) -> None:
+        read[0] += 1
+        real_read(path, fd, batch, *direct)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_records, "read_batch", counted)
+    steps = [0]
+    real_step = anyio.to_thread.run_sync
+
+    async def counting(*args: Any, **kwargs: Any) -> Any:
+        steps[0] += 1
+        return await real_step(*args, **kwargs)
+
+    monkeypatch.setattr(anyio.to_thread, "run_sync", counting)
+    got = await aiostage.load(path)
+    assert torch.equal(got["w"], want)
+    assert read[0] == -(-4_000_000 // (64 * 1024))  # 62 batches
+    assert steps[0] <= 12  # opening and planning, the unpickler, one per reader
 
 
 async def test_mmap_load_slices_one_mapping_of_the_file(
