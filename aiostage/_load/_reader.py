@@ -19,9 +19,11 @@ large pickles do not stall it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import functools
+import itertools
 import os
 import pickle
 import re
@@ -305,16 +307,6 @@ def _open_archive(path: str) -> list[_Entry]:
     return entries
 
 
-def _crc_range(path: str, entry: _Entry, start: int, length: int, crc: int) -> int:
-    """Fold ``length`` bytes of a stored record, from ``start``, into ``crc``."""
-    buf = bytearray(length)
-    with open(path, "rb", buffering=0) as f:
-        got = os.preadv(f.fileno(), [buf], entry.data_offset + start)
-    if got != length:
-        raise CorruptCheckpointError("record is truncated", path=path, record=entry.name)
-    return zlib.crc32(buf, crc)
-
-
 async def verify_records(path: str | os.PathLike[str], *, progress: Progress | None = None) -> None:
     """Check every record's CRC-32 against the archive's central directory.
 
@@ -342,22 +334,6 @@ def _check_crc(path: str, entry: _Entry, crc: int) -> None:
         )
 
 
-def _verify_small(path: str, entries: Sequence[_Entry]) -> None:
-    """Check the CRC-32 of several whole small records in one thread hop."""
-    with open(path, "rb", buffering=0) as f:
-        for entry in entries:
-            buf = bytearray(entry.size)
-            try:
-                got = os.preadv(f.fileno(), [buf], entry.data_offset)
-            except OSError as exc:
-                raise CorruptCheckpointError(
-                    f"cannot read record ({exc.strerror or exc})", path=path, record=entry.name
-                ) from exc
-            if got != entry.size:
-                raise CorruptCheckpointError("record is truncated", path=path, record=entry.name)
-            _check_crc(path, entry, zlib.crc32(buf))
-
-
 def _verify_groups(entries: Sequence[_Entry]) -> list[list[_Entry]]:
     """Consecutive records in groups of at most ``VERIFY_CHUNK_BYTES`` and
     ``_VERIFY_MAX_RECORDS`` records; a larger record is a group of its own."""
@@ -377,34 +353,138 @@ def _verify_groups(entries: Sequence[_Entry]) -> list[list[_Entry]]:
     return groups
 
 
-async def _verify_entries(path: str, entries: Sequence[_Entry], progress: Progress | None) -> None:
-    """Check every record's CRC-32: small records many per thread hop, large
-    ones in ``VERIFY_CHUNK_BYTES`` chunks; ``progress`` after each hop."""
-    total = sum(e.size for e in entries)
+def _read_exactly(path: str, fd: int, entry: _Entry, view: memoryview, offset: int) -> None:
+    """Fill ``view`` with ``entry``'s bytes from ``offset`` (within the record)."""
+    try:
+        got = os.preadv(fd, [view], entry.data_offset + offset)
+    except OSError as exc:
+        raise CorruptCheckpointError(
+            f"cannot read record ({exc.strerror or exc})", path=path, record=entry.name
+        ) from exc
+    if got != view.nbytes:
+        raise CorruptCheckpointError("record is truncated", path=path, record=entry.name)
+
+
+def _read_group(path: str, fd: int, group: Sequence[_Entry], buf: memoryview) -> bool:
+    """Read the run of the file that holds ``group`` (records in file order,
+    the headers between them included) into ``buf`` with one call: one
+    sequential read, which the kernel reads ahead of, rather than a read per
+    record with a gap before each, which it takes for random reads.  False
+    (nothing read) where the records are not in file order or their run
+    does not fit in ``buf``."""
+    start = group[0].data_offset
+    end = group[-1].data_offset + group[-1].size
+    ordered = all(a.data_offset + a.size <= b.data_offset for a, b in itertools.pairwise(group))
+    if not ordered or end - start > buf.nbytes:
+        return False
+    try:
+        got = os.preadv(fd, [buf[: end - start]], start)
+    except OSError as exc:
+        raise CorruptCheckpointError(
+            f"cannot read record ({exc.strerror or exc})", path=path, record=group[0].name
+        ) from exc
+    short = next((e for e in group if e.data_offset + e.size > start + got), None)
+    if short is not None:
+        raise CorruptCheckpointError("record is truncated", path=path, record=short.name)
+    return True
+
+
+@contextlib.contextmanager
+def _sequential(path: str) -> Iterator[int]:
+    """A descriptor of ``path`` of its own for one group or chunk of a
+    verification, marked for sequential reads.
+
+    Each read is followed by its CRC (4 ms for 16 MiB here), and a window of
+    readahead larger than the read goes on reading meanwhile.  On one
+    descriptor kept for the whole file, the kernel's readahead fell behind
+    at times (1 GiB from a cold cache: 0.65-0.69 s, or 1.2-2.7 s in some
+    runs); on a fresh one for each group it kept up: 0.63-0.68 s, against
+    0.70-0.75 s for plain reads on fresh descriptors.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise CheckpointLoadError(
+            f"cannot read the checkpoint ({exc.strerror}, errno {exc.errno})", path=path
+        ) from exc
+    try:
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _verify_all(
+    stop: threading.Event, path: str, entries: Sequence[_Entry], report: Callable[[int], bool]
+) -> None:
+    """Check every record's CRC-32, all in one worker-thread step (see
+    ``READ_THREADS``): small records a group at a time, large ones in
+    ``VERIFY_CHUNK_BYTES`` chunks, read into one buffer used over and over.
+    After each group or chunk, ``report(bytes done)``; it returns whether
+    to go on.  Stops between them once ``stop`` is set."""
+    chunk = VERIFY_CHUNK_BYTES
+    groups = _verify_groups(entries)
+    size = min(chunk, max((e.size for e in entries), default=0))
+    for group in groups:  # room for each group's run of the file, up to twice a chunk
+        run = group[-1].data_offset + group[-1].size - group[0].data_offset
+        if len(group) > 1 and size < run <= 2 * chunk:
+            size = run
+    buf = memoryview(bytearray(size))
     done = 0
-    for group in await run_sync(_verify_groups, entries):
-        if len(group) > 1 or group[0].size <= VERIFY_CHUNK_BYTES:
-            await run_sync(_verify_small, path, group)
-            done += sum(e.size for e in group)
-            if progress is not None:
-                progress(done, total)
+    for group in groups:
+        if stop.is_set():
+            return
+        if group[0].size > chunk:  # a large record, chunk by chunk
+            entry, crc = group[0], 0
+            for offset in range(0, entry.size, chunk):
+                view = buf[: min(chunk, entry.size - offset)]
+                with _sequential(path) as fd:
+                    _read_exactly(path, fd, entry, view, offset)
+                crc = zlib.crc32(view, crc)
+                done += view.nbytes
+                if not report(done) or stop.is_set():
+                    return
+            _check_crc(path, entry, crc)
             continue
-        entry = group[0]
-        crc = 0
-        start = 0
-        while start < entry.size:
-            length = min(VERIFY_CHUNK_BYTES, entry.size - start)
+        base = group[0].data_offset
+        with _sequential(path) as fd:
+            whole = _read_group(path, fd, group, buf)
+            for entry in group:
+                if whole:
+                    view = buf[entry.data_offset - base : entry.data_offset - base + entry.size]
+                else:
+                    view = buf[: entry.size]
+                    _read_exactly(path, fd, entry, view, 0)
+                _check_crc(path, entry, zlib.crc32(view))
+                done += entry.size
+        if not report(done):
+            return
+
+
+async def _verify_entries(path: str, entries: Sequence[_Entry], progress: Progress | None) -> None:
+    """Check every record's CRC-32 in a worker thread; ``progress`` on the
+    loop after each group of small records or chunk of a large one.  An
+    error that ``progress`` raises stops the check and is raised."""
+    total = sum(e.size for e in entries)
+    loop = asyncio.get_running_loop()
+    failed: list[BaseException] = []
+
+    def on_loop(done: int) -> None:
+        if progress is not None and not failed:
             try:
-                crc = await run_sync(_crc_range, path, entry, start, length, crc)
-            except OSError as exc:
-                raise CorruptCheckpointError(
-                    f"cannot read record ({exc.strerror or exc})", path=path, record=entry.name
-                ) from exc
-            start += length
-            done += length
-            if progress is not None:
                 progress(done, total)
-        _check_crc(path, entry, crc)
+            except BaseException as exc:  # raised below, once the thread is done
+                failed.append(exc)
+
+    def report(done: int) -> bool:
+        if progress is not None:
+            loop.call_soon_threadsafe(on_loop, done)
+        return not failed
+
+    await run_sync_stoppable(_verify_all, path, entries, report)
+    if failed:
+        raise failed[0]
 
 
 @contextlib.contextmanager

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
+import threading
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import anyio
+import anyio.to_thread
 import pytest
 import torch
 
@@ -82,6 +86,77 @@ async def test_verify_on_torch_save_file_and_progress(tmp_path: Path) -> None:
     total = calls[-1][1]
     assert calls[-1] == (total, total) and total >= 1_200_000
     assert len(calls) > 4 and [d for d, _ in calls] == sorted(d for d, _ in calls)
+
+
+async def test_verify_reads_in_one_thread_step_and_stops_on_a_progress_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Verification does not hop back to the event loop per chunk (see
+    READ_THREADS); progress still comes on the loop thread, after each chunk,
+    and an error it raises stops the check and is raised."""
+    path = await aiostage.persist({"w": torch.randn(1_000_000)}, tmp_path / "ckpt.pt")
+    monkeypatch.setattr(_reader, "VERIFY_CHUNK_BYTES", 64 * 1024)
+    steps = [0]
+    real_step = anyio.to_thread.run_sync
+
+    async def counting(*args: Any, **kwargs: Any) -> Any:
+        steps[0] += 1
+        return await real_step(*args, **kwargs)
+
+    monkeypatch.setattr(anyio.to_thread, "run_sync", counting)
+    loop_thread = threading.get_ident()
+    calls: list[int] = []
+
+    def progress(done: int, total: int) -> None:
+        assert threading.get_ident() == loop_thread
+        calls.append(done)
+
+    await aiostage.load(path, verify=True, progress=progress)
+    assert len(calls) > 62  # a call per 64 KiB chunk of the 4 MB record, and the last
+    assert steps[0] <= 10  # not one per chunk
+
+    def fails_at_third(done: int, total: int) -> None:
+        calls.append(done)
+        if len(calls) == 3:
+            raise KeyError("stop here")
+
+    calls.clear()
+    with pytest.raises(KeyError, match="stop here"):
+        await aiostage.load(path, verify=True, progress=fails_at_third)
+    assert len(calls) == 3  # no progress after the error
+
+
+def test_verify_reads_a_group_of_records_in_one_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Small records in file order are read a group at a time (one
+    sequential read); out of order, one by one; either way every CRC is
+    checked.  A file cut inside a group names the first record cut."""
+    state = {f"t{i}": torch.full((1000,), float(i)) for i in range(6)}
+    path = tmp_path / "ckpt.pt"
+    torch.save(state, path)
+    entries = _reader._open_archive(str(path))
+    reads: list[int] = []
+    real_preadv = os.preadv
+
+    def counted(fd: int, buffers: Any, offset: int, *flags: int) -> int:
+        reads.append(offset)
+        return real_preadv(fd, buffers, offset, *flags)
+
+    monkeypatch.setattr(os, "preadv", counted)
+    _reader._verify_all(threading.Event(), str(path), entries, lambda done: True)
+    assert len(reads) == 1
+    reads.clear()
+    _reader._verify_all(threading.Event(), str(path), entries[::-1], lambda done: True)
+    assert len(reads) == len(entries)
+
+    records = [e for e in entries if "/data/" in e.name]
+    cut = records[3]
+    with path.open("r+b") as f:
+        f.truncate(cut.data_offset + 10)
+    with pytest.raises(CorruptCheckpointError, match="truncated") as info:
+        _reader._verify_all(threading.Event(), str(path), entries, lambda done: True)
+    assert info.value.record == cut.name
 
 
 async def test_torch_save_file_loads_with_mmap(tmp_path: Path) -> None:
