@@ -397,7 +397,7 @@ def _sequential(path: str) -> Iterator[int]:
     Each read is followed by its CRC (4 ms for 16 MiB here), and a window of
     readahead larger than the read goes on reading meanwhile.  On one
     descriptor kept for the whole file, the kernel's readahead fell behind
-    at times (1 GiB from a cold cache: 0.65-0.69 s, or 1.2-2.7 s in some
+    at times (1 GiB from a cold cache: 0.66-0.73 s, or 1.2-2.7 s in some
     runs); on a fresh one for each group it kept up: 0.63-0.68 s, against
     0.70-0.75 s for plain reads on fresh descriptors.
     """
