@@ -12,11 +12,10 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-import anyio.to_thread
 import pytest
 import torch
 from _compare import assert_same, write
-from _reads import small_read_batches
+from _reads import count_thread_steps, small_read_batches
 
 import aiostage
 from aiostage import CheckpointLoadError, CorruptCheckpointError
@@ -231,14 +230,7 @@ async def test_each_reader_reads_all_its_batches_in_one_thread_step(
         real_read(path, fd, batch, *direct)  # type: ignore[arg-type]
 
     monkeypatch.setattr(_records, "read_batch", counted)
-    steps = [0]
-    real_step = anyio.to_thread.run_sync
-
-    async def counting(*args: Any, **kwargs: Any) -> Any:
-        steps[0] += 1
-        return await real_step(*args, **kwargs)
-
-    monkeypatch.setattr(anyio.to_thread, "run_sync", counting)
+    steps = count_thread_steps(monkeypatch)
     got = await aiostage.load(path)
     assert torch.equal(got["w"], want)
     assert read[0] == -(-4_000_000 // (64 * 1024))  # 62 batches

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import anyio.to_thread
 import pytest
 import torch
+from _reads import count_thread_steps
 
 import aiostage
 from aiostage import CheckpointLoadError, CorruptCheckpointError, UnsafeCheckpointError
@@ -96,14 +96,7 @@ async def test_verify_reads_in_one_thread_step_and_stops_on_a_progress_error(
     and an error it raises stops the check and is raised."""
     path = await aiostage.persist({"w": torch.randn(1_000_000)}, tmp_path / "ckpt.pt")
     monkeypatch.setattr(_reader, "VERIFY_CHUNK_BYTES", 64 * 1024)
-    steps = [0]
-    real_step = anyio.to_thread.run_sync
-
-    async def counting(*args: Any, **kwargs: Any) -> Any:
-        steps[0] += 1
-        return await real_step(*args, **kwargs)
-
-    monkeypatch.setattr(anyio.to_thread, "run_sync", counting)
+    steps = count_thread_steps(monkeypatch)
     loop_thread = threading.get_ident()
     calls: list[int] = []
 
