@@ -10,12 +10,15 @@ then runs first ``stage()`` and first ``save()`` calls on fresh stagers while a
 ticker records every wake-up later than ``--over`` ms, with its monotonic
 timestamps.
 
-With ``--perf``, ``perf record`` (``cpu-clock`` samples and
-``sched:sched_switch`` events, kernel and native call chains, on the
-``CLOCK_MONOTONIC`` clock) watches the process, and each stall is printed with
-what the loop thread was doing inside it: on the CPU (its sampled stacks), or
-off it (each switch-out, its state and the kernel stack that led there), and
-which other threads held the CPUs meanwhile.
+With ``--perf``, ``perf record`` (``cpu-clock`` samples, ``sched:sched_switch``
+and ``sched:sched_wakeup`` events, kernel and native call chains, on the
+``CLOCK_MONOTONIC`` clock, all CPUs) watches the machine, and each stall is
+printed with what the loop thread was doing inside it: on the CPU (its sampled
+stacks), or off it (each switch-out, its state and the kernel stack that led
+there), which other threads held the CPUs meanwhile, and the loop's longest
+wait for a core: where it was queued, behind whom, and whether another core
+sat idle meanwhile (the scheduler on this VM queues a woken thread behind a
+busy one while the other core idles: see the eighth round in the README).
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ import asyncio
 import collections
 import contextlib
 import gc
-import os
 import re
 import signal
 import subprocess
@@ -110,13 +112,14 @@ async def watched(label: str, over: float, coro: Any, stalls: list[Stall]) -> An
 
 # --- perf -----------------------------------------------------------------------
 
-HEADER = re.compile(r"^\s*(\S.*?)\s+(\d+)\s+(\d+\.\d+):\s+(\d+\s+)?(\S+):\s*(.*)$")
+HEADER = re.compile(r"^\s*(\S.*?)\s+(\d+)\s+\[(\d+)\]\s+(\d+\.\d+):\s+(\d+\s+)?(\S+):\s*(.*)$")
 
 
 @dataclass
 class Event:
     comm: str
     tid: int
+    cpu: int
     t: float
     name: str
     trace: str
@@ -125,7 +128,7 @@ class Event:
 
 def perf_events(data: Path) -> list[Event]:
     out = subprocess.run(
-        ["perf", "script", "-i", str(data), "-F", "comm,tid,time,event,trace,ip,sym"],
+        ["perf", "script", "-i", str(data), "-F", "comm,tid,cpu,time,event,trace,ip,sym"],
         capture_output=True,
         text=True,
         check=True,
@@ -142,7 +145,7 @@ def perf_events(data: Path) -> list[Event]:
             continue
         m = HEADER.match(line)
         if m:
-            cur = Event(m[1], int(m[2]), float(m[3]), m[5], m[6], [])
+            cur = Event(m[1], int(m[2]), int(m[3]), float(m[4]), m[6], m[7], [])
             events.append(cur)
     return events
 
@@ -174,7 +177,49 @@ def explain(stalls: list[Stall], events: list[Event], loop_tid: int, names: dict
             top = collections.Counter(
                 short(e.stack, 4) for e in inside if e.tid == tid and e.name == "cpu-clock"
             ).most_common(1)[0][0]
-            print(f"  thread {tid} ({names.get(tid, '?')}): {n} samples, mostly {top}")
+            who = names.get(tid) or next(e.comm for e in inside if e.tid == tid)
+            print(f"  thread {tid} ({who}): {n} samples, mostly {top}")
+        queued(s, events, loop_tid, names)
+
+
+def queued(s: Stall, events: list[Event], loop_tid: int, names: dict[int, str]) -> None:
+    """The longest wait of the loop thread for a core in the stall ``s``:
+    from becoming runnable (woken, or preempted) to running, on which CPU,
+    who held that CPU meanwhile, and the other CPUs' idle samples (a loop
+    queued behind a worker while a core idles)."""
+    waits: list[tuple[Event, Event]] = []
+    ready: Event | None = None
+    for e in events:
+        if e.t > s.end + 0.001:
+            break
+        if e.t < s.start - 0.05:
+            continue
+        if e.name.endswith("sched_wakeup") and f"pid={loop_tid} " in e.trace:
+            ready = ready or e
+        elif e.name.endswith("sched_switch") and f"prev_pid={loop_tid} " in e.trace:
+            ready = e if re.search(r"prev_state=R", e.trace) else None
+        elif e.name.endswith("sched_switch") and f"next_pid={loop_tid} " in e.trace:
+            if ready is not None and e.t > s.start:
+                waits.append((ready, e))
+            ready = None
+    if not waits:
+        return
+    ready, ran = max(waits, key=lambda w: w[1].t - w[0].t)
+    target = re.search(r"target_cpu=(\d+)", ready.trace)
+    cpu = int(target[1]) if target else ready.cpu
+    how = "woken" if ready.name.endswith("sched_wakeup") else "preempted"
+    print(
+        f"  longest wait for a core: runnable ({how}, by {ready.tid}) at "
+        f"+{(ready.t - s.start) * 1e3:.1f} ms on CPU {cpu}, ran at "
+        f"+{(ran.t - s.start) * 1e3:.1f} ms on CPU {ran.cpu}"
+    )
+    window = [e for e in events if ready.t <= e.t <= ran.t and e.name == "cpu-clock"]
+    held = collections.Counter(e.tid for e in window if e.cpu == cpu)
+    for tid, n in held.most_common(2):
+        print(f"    CPU {cpu} meanwhile: thread {tid} ({names.get(tid, '?')}), {n} samples")
+    idle = collections.Counter(e.cpu for e in window if e.cpu != cpu and e.tid == 0)
+    for other, n in sorted(idle.items()):
+        print(f"    CPU {other} idle meanwhile: {n} samples")
 
 
 # --- main -----------------------------------------------------------------------
@@ -243,7 +288,7 @@ def main() -> int:
     data = workdir / "stalls.perf"
     perf = None
     if args.perf:
-        events = ["-e", "cpu-clock", "-e", "sched:sched_switch"]
+        events = ["-e", "cpu-clock", "-e", "sched:sched_switch", "-e", "sched:sched_wakeup"]
         perf = subprocess.Popen(
             [
                 "perf",
@@ -255,8 +300,7 @@ def main() -> int:
                 "1999",
                 "-g",
                 *events,
-                "-p",
-                str(os.getpid()),
+                "-a",  # all CPUs: who held the loop's core, and whether the other idled
                 "-o",
                 str(data),
             ],
