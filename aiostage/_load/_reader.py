@@ -101,7 +101,7 @@ completion took the core from the loop, which waited 2-4 ms for it while
 the other core idled (seen in ``perf``'s scheduler events).  Cold loads of
 1 GiB, alternating the two versions: a median of 9-12 loop stalls over
 1.5 ms and a p99 lag of 2.2-2.3 ms with a step per batch; 1 stall and
-0.4-0.5 ms in one step.  (The load itself took 3-8 % longer in the
+0.4-0.5 ms in one step.  (The load itself took 5-8 % longer in the
 medians, within this VM's noise: a reader on a core of its own sleeps
 there on each read, and an idle virtual core wakes more slowly.)"""
 
