@@ -416,13 +416,16 @@ def _sequential(path: str) -> Iterator[int]:
 
 
 def _verify_all(
-    stop: threading.Event, path: str, entries: Sequence[_Entry], report: Callable[[int], bool]
+    stop: threading.Event,
+    path: str,
+    entries: Sequence[_Entry],
+    report: Callable[[int, threading.Event], bool],
 ) -> None:
     """Check every record's CRC-32, all in one worker-thread step (see
     ``READ_THREADS``): small records a group at a time, large ones in
     ``VERIFY_CHUNK_BYTES`` chunks, read into one buffer used over and over.
-    After each group or chunk, ``report(bytes done)``; it returns whether
-    to go on.  Stops between them once ``stop`` is set."""
+    After each group or chunk, ``report(bytes done, stop)``; it returns
+    whether to go on.  Stops between them once ``stop`` is set."""
     chunk = VERIFY_CHUNK_BYTES
     groups = _verify_groups(entries)
     size = min(chunk, max((e.size for e in entries), default=0))
@@ -443,7 +446,7 @@ def _verify_all(
                     _read_exactly(path, fd, entry, view, offset)
                 crc = zlib.crc32(view, crc)
                 done += view.nbytes
-                if not report(done) or stop.is_set():
+                if not report(done, stop) or stop.is_set():
                     return
             _check_crc(path, entry, crc)
             continue
@@ -458,28 +461,29 @@ def _verify_all(
                     _read_exactly(path, fd, entry, view, 0)
                 _check_crc(path, entry, zlib.crc32(view))
                 done += entry.size
-        if not report(done):
+        if not report(done, stop):
             return
 
 
 async def _verify_entries(path: str, entries: Sequence[_Entry], progress: Progress | None) -> None:
     """Check every record's CRC-32 in a worker thread; ``progress`` on the
     loop after each group of small records or chunk of a large one.  An
-    error that ``progress`` raises stops the check and is raised."""
+    error that ``progress`` raises stops the check and is raised; once the
+    check is cancelled, ``progress`` is not called again."""
     total = sum(e.size for e in entries)
     loop = asyncio.get_running_loop()
     failed: list[BaseException] = []
 
-    def on_loop(done: int) -> None:
-        if progress is not None and not failed:
+    def on_loop(done: int, stop: threading.Event) -> None:
+        if progress is not None and not failed and not stop.is_set():
             try:
                 progress(done, total)
             except BaseException as exc:  # raised below, once the thread is done
                 failed.append(exc)
 
-    def report(done: int) -> bool:
+    def report(done: int, stop: threading.Event) -> bool:
         if progress is not None:
-            loop.call_soon_threadsafe(on_loop, done)
+            loop.call_soon_threadsafe(on_loop, done, stop)
         return not failed
 
     await run_sync_stoppable(_verify_all, path, entries, report)

@@ -137,10 +137,10 @@ def test_verify_reads_a_group_of_records_in_one_call(
         return real_preadv(fd, buffers, offset, *flags)
 
     monkeypatch.setattr(os, "preadv", counted)
-    _reader._verify_all(threading.Event(), str(path), entries, lambda done: True)
+    _reader._verify_all(threading.Event(), str(path), entries, lambda done, stop: True)
     assert len(reads) == 1
     reads.clear()
-    _reader._verify_all(threading.Event(), str(path), entries[::-1], lambda done: True)
+    _reader._verify_all(threading.Event(), str(path), entries[::-1], lambda done, stop: True)
     assert len(reads) == len(entries)
 
     records = [e for e in entries if "/data/" in e.name]
@@ -148,7 +148,7 @@ def test_verify_reads_a_group_of_records_in_one_call(
     with path.open("r+b") as f:
         f.truncate(cut.data_offset + 10)
     with pytest.raises(CorruptCheckpointError, match="truncated") as info:
-        _reader._verify_all(threading.Event(), str(path), entries, lambda done: True)
+        _reader._verify_all(threading.Event(), str(path), entries, lambda done, stop: True)
     assert info.value.record == cut.name
 
 
@@ -279,6 +279,39 @@ async def test_cancel_during_verify(tmp_path: Path) -> None:
             await task
     finally:
         _reader.VERIFY_CHUNK_BYTES = old
+
+
+async def test_no_progress_after_a_verify_is_cancelled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chunk that finishes after the cancellation reports no progress
+    (the small records before the large one report first, and cancel)."""
+    path = await aiostage.persist({"w": torch.randn(1_000_000)}, tmp_path / "ckpt.pt")
+    monkeypatch.setattr(_reader, "VERIFY_CHUNK_BYTES", 64 * 1024)
+    loop = asyncio.get_running_loop()
+    release = threading.Event()
+    reads = [0]
+    real_read = _reader._read_exactly
+
+    def gated(*args: Any) -> None:
+        reads[0] += 1
+        if reads[0] == 1:  # the first chunk of the record waits for the cancellation
+            release.wait(timeout=30)
+        real_read(*args)
+
+    monkeypatch.setattr(_reader, "_read_exactly", gated)
+    calls: list[int] = []
+
+    def progress(done: int, total: int) -> None:
+        calls.append(done)
+        task.cancel()
+        loop.call_soon(release.set)  # after the cancellation is delivered
+
+    task = asyncio.create_task(aiostage.load(path, verify=True, progress=progress))
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert reads[0] == 1  # that chunk was read, then the check stopped
+    assert len(calls) == 1  # (the small records before it); none for the chunk
 
 
 def central_header_offset(raw: bytes, name: str) -> int:
