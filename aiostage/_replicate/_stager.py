@@ -51,7 +51,7 @@ from aiostage._replicate._transport import KIND_RECOVER, KIND_STAGE, Channel, En
 from aiostage._stage._engine import StateDictStager
 from aiostage._stage._plan import StagePlan
 from aiostage._stage._stagers import _StagerBase
-from aiostage._threads import run_sync, uncancelled
+from aiostage._threads import run_sync, run_sync_stoppable, uncancelled
 
 __all__ = ["ReplicationStager", "partner_of", "replica_filename"]
 
@@ -384,11 +384,10 @@ class ReplicationStager(_StagerBase):
     ) -> _transport.Received:
         """Send ``enc`` to the partner and receive its message, in a worker thread."""
         channel = Channel(group, peer, peer_global, self.timeout, self.device)
-        cancel = threading.Event()
         on_meta = arrival.on_meta if arrival is not None else None
         on_landed = arrival.on_landed if arrival is not None else None
 
-        def run() -> _transport.Received:
+        def run(cancel: threading.Event) -> _transport.Received:
             if rank < peer:
                 channel.send(kind, enc, cancel, failed=failed)
                 return channel.recv(cancel, on_meta=on_meta, on_landed=on_landed)
@@ -396,15 +395,12 @@ class ReplicationStager(_StagerBase):
             channel.send(kind, enc, cancel, failed=failed)
             return got
 
-        task = asyncio.ensure_future(run_sync(run))
         try:
-            return await asyncio.shield(task)
+            # Cancelled, the thread stops after the operation in flight
+            # (bounded by the timeout) and is waited for: it never outlives
+            # the call.
+            return await run_sync_stoppable(run)
         except BaseException as exc:
-            # Cancelled (or failed): let the thread stop after the operation
-            # in flight (bounded by the timeout) before leaving, so it never
-            # outlives the call.
-            cancel.set()
-            await uncancelled(asyncio.wait([task]))
             if mark_broken:
                 self._broken = f"{type(exc).__name__}: {exc}"
             raise
