@@ -353,14 +353,19 @@ def _verify_groups(entries: Sequence[_Entry]) -> list[list[_Entry]]:
     return groups
 
 
-def _read_exactly(path: str, fd: int, entry: _Entry, view: memoryview, offset: int) -> None:
-    """Fill ``view`` with ``entry``'s bytes from ``offset`` (within the record)."""
+def _pread(path: str, fd: int, view: memoryview, at: int, record: str) -> int:
+    """``preadv`` of ``view`` from ``at``; a failure names ``record``."""
     try:
-        got = os.preadv(fd, [view], entry.data_offset + offset)
+        return os.preadv(fd, [view], at)
     except OSError as exc:
         raise CorruptCheckpointError(
-            f"cannot read record ({exc.strerror or exc})", path=path, record=entry.name
+            f"cannot read record ({exc.strerror or exc})", path=path, record=record
         ) from exc
+
+
+def _read_exactly(path: str, fd: int, entry: _Entry, view: memoryview, offset: int) -> None:
+    """Fill ``view`` with ``entry``'s bytes from ``offset`` (within the record)."""
+    got = _pread(path, fd, view, entry.data_offset + offset, entry.name)
     if got != view.nbytes:
         raise CorruptCheckpointError("record is truncated", path=path, record=entry.name)
 
@@ -377,12 +382,7 @@ def _read_group(path: str, fd: int, group: Sequence[_Entry], buf: memoryview) ->
     ordered = all(a.data_offset + a.size <= b.data_offset for a, b in itertools.pairwise(group))
     if not ordered or end - start > buf.nbytes:
         return False
-    try:
-        got = os.preadv(fd, [buf[: end - start]], start)
-    except OSError as exc:
-        raise CorruptCheckpointError(
-            f"cannot read record ({exc.strerror or exc})", path=path, record=group[0].name
-        ) from exc
+    got = _pread(path, fd, buf[: end - start], start, group[0].name)
     short = next((e for e in group if e.data_offset + e.size > start + got), None)
     if short is not None:
         raise CorruptCheckpointError("record is truncated", path=path, record=short.name)
