@@ -32,7 +32,7 @@ import struct
 import threading
 import zipfile
 import zlib
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Generator, Iterable, Iterator, Sequence
 from typing import Any, NamedTuple, cast
 
 import torch
@@ -46,6 +46,7 @@ from aiostage._exceptions import (
 from aiostage._gc import gc_paused
 from aiostage._load import _into, _records
 from aiostage._load._zipdir import CentralEntry, ZipDirectoryError, read_directory, widen
+from aiostage._persist._archive import DIRECT_ALIGN
 from aiostage._persist._writer import use_direct_io
 from aiostage._progress import Progress, check_progress
 from aiostage._threads import GilTurns, run_all, run_sync, run_sync_stoppable
@@ -176,6 +177,13 @@ def _sizes_match(
     )
 
 
+_Want = tuple[int, int]
+"""``(offset, nbytes)``: the bytes a record's check reads next."""
+
+_PREFETCH_MERGE = 64 * 1024
+"""Header reads at most this far apart are prefetched as one range."""
+
+
 class _Headers:
     """Reads the small pieces around the records (local headers, data
     descriptors), and leaves a file that the page cache did not hold as it
@@ -191,16 +199,64 @@ class _Headers:
     cache again when the headers are read (``POSIX_FADV_DONTNEED``).
     (Reading each header without readahead instead cost a disk read per
     record: 1.4 s for 20,000 records.)
+
+    :meth:`check` runs the records' checks in step: every check's first
+    read, then every second read, and so on.  Where the cache held under
+    half the file, each round's reads are asked of the kernel first
+    (``POSIX_FADV_WILLNEED``, which starts them all and waits for none), so
+    the device serves them together instead of one round trip each.  The
+    check of a cold 1 GiB archive of 200 records (two reads a header), in
+    a load: 25-43 ms one by one, 5-11 ms so.
     """
 
     def __init__(self, fd: int, size: int) -> None:
         self.fd = os.dup(fd)
-        self._drop = False
+        self._drop = self._prefetch = False
         if hasattr(os, "posix_fadvise"):
-            self._drop = _records.uncached(_records.page_cache_state(self.fd, 0, 0), size, 16)
+            cached = _records.page_cache_state(self.fd, 0, 0)
+            self._drop = _records.uncached(cached, size, 16)
+            self._prefetch = cached is not None and 2 * cached[0] * DIRECT_ALIGN < size
 
     def read(self, offset: int, nbytes: int) -> bytes:
         return os.pread(self.fd, nbytes, offset)
+
+    def prefetch(self, wants: Iterable[_Want]) -> None:
+        """Start reading ``wants`` into the page cache, each with the page
+        after it (a header's extra field runs on into it), ranges close
+        together as one."""
+        if not self._prefetch:
+            return
+        merged: list[list[int]] = []
+        for offset, nbytes in sorted(wants):
+            lo = offset // DIRECT_ALIGN * DIRECT_ALIGN
+            hi = -(-(offset + nbytes) // DIRECT_ALIGN) * DIRECT_ALIGN + DIRECT_ALIGN
+            if merged and lo <= merged[-1][1] + _PREFETCH_MERGE:
+                merged[-1][1] = max(merged[-1][1], hi)
+            else:
+                merged.append([lo, hi])
+        for lo, hi in merged:
+            with contextlib.suppress(OSError):  # (a hint: the reads follow anyway)
+                os.posix_fadvise(self.fd, lo, hi - lo, os.POSIX_FADV_WILLNEED)
+
+    def check(self, checks: Sequence[Generator[_Want, bytes, _Entry]]) -> list[_Entry]:
+        """Run ``checks`` (see :func:`_entry`) in step; their entries, in order."""
+        turn = GilTurns()  # (tens of thousands of records: microseconds each)
+        done: list[_Entry | None] = [None] * len(checks)
+        wants: dict[int, _Want] = {}
+        for i, steps in enumerate(checks):
+            turn()
+            wants[i] = next(steps)
+        while wants:
+            self.prefetch(wants.values())
+            later: dict[int, _Want] = {}
+            for i, (offset, nbytes) in wants.items():
+                turn()
+                try:
+                    later[i] = checks[i].send(self.read(offset, nbytes))
+                except StopIteration as finished:
+                    done[i] = finished.value
+            wants = later
+        return cast(list[_Entry], done)
 
     def __enter__(self) -> _Headers:
         return self
@@ -214,9 +270,9 @@ class _Headers:
             os.close(self.fd)
 
 
-def _descriptor_matches(headers: _Headers, info: CentralEntry, data_end: int) -> bool:
-    """Whether the data descriptor after a record repeats the directory's CRC and sizes."""
-    tail = headers.read(data_end, 24)
+def _descriptor_matches(tail: bytes, info: CentralEntry) -> bool:
+    """Whether a data descriptor (``tail``: the 24 bytes after a record)
+    repeats the directory's CRC and sizes."""
     if tail[:4] == _DESCRIPTOR_SIG:
         tail = tail[4:]
     if len(tail) < 12 or int.from_bytes(tail[:4], "little") != info.CRC:
@@ -227,18 +283,20 @@ def _descriptor_matches(headers: _Headers, info: CentralEntry, data_end: int) ->
     return len(tail) >= 20 and struct.unpack_from("<QQ", tail, 4) == (size, size)
 
 
-def _entry(path: str, headers: _Headers, info: CentralEntry, file_size: int) -> _Entry:
-    """Check one record's directory entry against its local header; locate its bytes."""
+def _entry(path: str, info: CentralEntry, file_size: int) -> Generator[_Want, bytes, _Entry]:
+    """Check one record's directory entry against its local header; locate
+    its bytes.  Yields each read it needs and is sent its bytes (see
+    :meth:`_Headers.check`)."""
     _check_central(path, info)
     # One read for the header, its name and (usually) its extra field.
-    head = headers.read(info.header_offset, _LOCAL_FMT.size + len(info.raw_name) + 128)
+    head = yield (info.header_offset, _LOCAL_FMT.size + len(info.raw_name) + 128)
     local = head[: _LOCAL_FMT.size]
     if len(local) < _LOCAL_FMT.size or local[:4] != _LOCAL_SIG:
         raise _corrupt(path, "bad local header (file truncated or overwritten)", info)
     _, _, flags, method, _, _, crc, csize, usize, name_len, extra_len = _LOCAL_FMT.unpack(local)
     end = _LOCAL_FMT.size + name_len + extra_len
     if len(head) < end:
-        head += headers.read(info.header_offset + len(head), end - len(head))
+        head += yield (info.header_offset + len(head), end - len(head))
     raw_name = head[_LOCAL_FMT.size : _LOCAL_FMT.size + name_len]
     extra = head[_LOCAL_FMT.size + name_len : end]
     if raw_name != info.raw_name:
@@ -253,7 +311,7 @@ def _entry(path: str, headers: _Headers, info: CentralEntry, file_size: int) -> 
     data_offset = info.header_offset + _LOCAL_FMT.size + name_len + extra_len
     if data_offset + info.compress_size > file_size:
         raise _corrupt(path, "record extends past the end of the file (truncated)", info)
-    if descriptor and not _descriptor_matches(headers, info, data_offset + info.compress_size):
+    if descriptor and not _descriptor_matches((yield (data_offset + info.compress_size, 24)), info):
         raise _corrupt(path, "data descriptor differs from the directory", info)
     return _Entry(info.filename, data_offset, info.compress_size, info.CRC)
 
@@ -278,11 +336,8 @@ def _open_archive(path: str) -> list[_Entry]:
         ) from exc
     try:
         with f, _Headers(f.fileno(), st.st_size) as headers:
-            turn = GilTurns()  # (tens of thousands of records: microseconds each)
-            entries = []
-            for info in read_directory(f.fileno(), st.st_size):
-                turn()
-                entries.append(_entry(path, headers, info, st.st_size))
+            infos = read_directory(f.fileno(), st.st_size)
+            entries = headers.check([_entry(path, info, st.st_size) for info in infos])
     except CorruptCheckpointError:
         raise
     except _ZIP_ERRORS as exc:
