@@ -6,7 +6,8 @@ Usage::
 
 Prepares the machine as the harness does before its aiostage phases (state A
 made, and the harness's own limit phases run on it, their buffers kept),
-then runs first ``stage()`` and first ``save()`` calls on fresh stagers while a
+then runs first ``stage()`` and first ``save()`` calls on fresh stagers, warm
+``save()`` calls on one stager and cold loads, while a
 ticker records every wake-up later than ``--over`` ms, with its monotonic
 timestamps.
 
@@ -261,6 +262,19 @@ async def amain(args: argparse.Namespace, workdir: Path) -> tuple[list[Stall], d
         await watched(f"save #{i}", over, save(), stalls)
         await stager.close()
         gc.collect()
+    print("warm save() on one stager (after a first one)")
+    async with aiostage.DefaultStager() as warm:
+
+        async def save_warm() -> None:
+            handle = await warm.save(state, path)
+            await handle.wait()
+
+        remove(path)
+        await save_warm()
+        for i in range(args.repeat):
+            remove(path)
+            gc.collect()
+            await watched(f"warm save #{i}", over, save_warm(), stalls)
     print("cold load() of the last save")
     for i in range(args.repeat):
         drop_cache(path)
