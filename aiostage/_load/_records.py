@@ -399,7 +399,8 @@ class DirectReads:
         """``batch`` as file-ordered spans: each large part is one of its
         own, ``direct`` for its whole blocks where its memory lines up with
         the file (its partial blocks go with the buffered spans around it),
-        ``bounced`` whole where it does not; the rest are buffered spans."""
+        ``bounced`` whole where it does not; the rest are buffered spans
+        (the gaps at their ends left unread)."""
         spans: list[Span] = []
         pending: list[memoryview] = []
         wanted: list[bool] = []  # whether each pending view receives bytes (not a gap)
