@@ -183,6 +183,10 @@ _Want = tuple[int, int]
 _PREFETCH_MERGE = 64 * 1024
 """Header reads at most this far apart are prefetched as one range."""
 
+_CHECK_GROUP = 4096
+"""Records checked in step at a time (each check in flight holds a
+generator: a directory of a million records is checked a group at a time)."""
+
 
 class _Headers:
     """Reads the small pieces around the records (local headers, data
@@ -337,7 +341,10 @@ def _open_archive(path: str) -> list[_Entry]:
     try:
         with f, _Headers(f.fileno(), st.st_size) as headers:
             infos = read_directory(f.fileno(), st.st_size)
-            entries = headers.check([_entry(path, info, st.st_size) for info in infos])
+            entries = []
+            for at in range(0, len(infos), _CHECK_GROUP):
+                group = infos[at : at + _CHECK_GROUP]
+                entries += headers.check([_entry(path, info, st.st_size) for info in group])
     except CorruptCheckpointError:
         raise
     except _ZIP_ERRORS as exc:

@@ -446,3 +446,26 @@ def test_header_prefetches_close_together_are_one_range(
         ("willneed", 0, 73_728 + 4096),  # 100, 9000 and 70,000: one range
         ("willneed", 3 * MiB, 3 * 4096),
     ]
+
+
+async def test_a_large_directory_is_checked_a_group_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each check in flight holds a generator, so the records are checked
+    in groups (4096); every group's first reads are advised before its
+    first read, and the entries come back in the directory's order."""
+    monkeypatch.setattr(_reader, "_CHECK_GROUP", 5)
+    sd = {f"t{i}": torch.full((300_000,), float(i)) for i in range(12)}  # 1.2 MB apart
+    path = await aiostage.persist(sd, tmp_path / "ckpt.pt")
+    needs_cachestat(path)
+    expected = _reader._open_archive(str(path))
+    evict(path)
+    events = record_header_reads(monkeypatch)
+    entries = _reader._open_archive(str(path))
+    assert entries == expected
+    assert len(entries) > 3 * 5
+    kinds = "".join("r" if kind == "read" else "w" for kind, _, _ in events)
+    # advice, then that group's reads, for every group
+    assert kinds.count("wr") >= -(-len(entries) // 5)
+    got = await aiostage.load(path)
+    assert all(torch.equal(got[k], v) for k, v in sd.items())
