@@ -322,15 +322,16 @@ class Bench:
         also_paired: str | None = None,
     ) -> None:
         ph.ticked = True
-        ref_times: list[float] = []
-        also_times: list[float] = []
+        # (JSON key prefix, limit, its times): the limit, and a second one
+        limits: list[tuple[str, str, list[float]]] = [
+            (key, ref, [])
+            for key, ref in (("paired", paired), ("also_paired", also_paired))
+            if ref is not None
+        ]
         for _ in range(repeat or self.repeat):
-            if paired is not None:
+            for _key, ref, ref_times in limits:
                 gc.collect()
-                ref_times.append(self.refs[paired]())
-            if also_paired is not None:
-                gc.collect()
-                also_times.append(self.refs[also_paired]())
+                ref_times.append(self.refs[ref]())
             if setup is not None:
                 res = setup()
                 if asyncio.iscoroutine(res):
@@ -355,24 +356,17 @@ class Bench:
                 if asyncio.iscoroutine(res):
                     await res
             del out
-        if paired is not None:
+        for key, ref, ref_times in limits:
             # the limit is measured before every repeat and once more after the
             # last: each repeat is compared with the faster of the two around
             # it (this VM's buffered writes stall 3-5x now and then: a mean
             # would let one such stall flatter aiostage)
-            ref_times.append(self.refs[paired]())
-            ph.extra["paired_ref"] = paired
-            ph.extra["paired_ref_s"] = ref_times
-            self.ref_samples.setdefault(paired, []).extend(ref_times)
+            ref_times.append(self.refs[ref]())
+            ph.extra[f"{key}_ref"] = ref
+            ph.extra[f"{key}_ref_s"] = ref_times
+            self.ref_samples.setdefault(ref, []).extend(ref_times)
             # >1 means aiostage took longer than its limit around the same time
-            ph.extra["paired_time_ratio"] = paired_time_ratio(ph.times, ref_times)
-        if also_paired is not None:
-            # a second limit, measured the same way, right after the first
-            also_times.append(self.refs[also_paired]())
-            ph.extra["also_paired_ref"] = also_paired
-            ph.extra["also_paired_ref_s"] = also_times
-            self.ref_samples.setdefault(also_paired, []).extend(also_times)
-            ph.extra["also_paired_time_ratio"] = paired_time_ratio(ph.times, also_times)
+            ph.extra[f"{key}_time_ratio"] = paired_time_ratio(ph.times, ref_times)
         self.report(ph)
 
     # phases
