@@ -219,7 +219,7 @@ class _Headers:
         if hasattr(os, "posix_fadvise"):
             cached = _records.page_cache_state(self.fd, 0, 0)
             self._drop = _records.uncached(cached, size, 16)
-            self._prefetch = cached is not None and 2 * cached[0] * DIRECT_ALIGN < size
+            self._prefetch = _records.cached_under(cached, size, 2)
 
     def read(self, offset: int, nbytes: int) -> bytes:
         return os.pread(self.fd, nbytes, offset)

@@ -260,6 +260,17 @@ def page_cache_state(fd: int, offset: int, length: int) -> tuple[int, int] | Non
     return int(stat.nr_cache), int(stat.nr_dirty)
 
 
+def cached_under(state: tuple[int, int] | None, size: int, share: int) -> bool:
+    """Whether the page cache holds under ``1/share`` of ``size`` bytes
+    whose :func:`page_cache_state` is ``state`` (False where it is unknown).
+
+    Under half of a file: a load opens it for direct reads (see
+    :meth:`DirectReads.open`) and asks for its headers ahead (see
+    ``aiostage._load._reader._Headers``).
+    """
+    return state is not None and share * state[0] * DIRECT_ALIGN < size
+
+
 def uncached(state: tuple[int, int] | None, size: int, share: int) -> bool:
     """Whether ``size`` bytes whose :func:`page_cache_state` is ``state``
     are out of the page cache but for under ``1/share`` of them, none dirty.
@@ -268,7 +279,7 @@ def uncached(state: tuple[int, int] | None, size: int, share: int) -> bool:
     brought in (see :meth:`DirectReads.close`).  Under half of a range: a
     direct read of it is worth it (see :meth:`DirectReads._read_uncached`).
     """
-    return state is not None and not state[1] and share * state[0] * DIRECT_ALIGN < size
+    return state is not None and not state[1] and cached_under(state, size, share)
 
 
 class DirectReads:
@@ -300,7 +311,7 @@ class DirectReads:
         if not flag or whole is None:
             return
         size = os.fstat(fd).st_size
-        if 2 * whole[0] * DIRECT_ALIGN < size:  # mostly not cached
+        if cached_under(whole, size, 2):  # mostly not cached
             with contextlib.suppress(OSError):  # EINVAL: not supported here
                 self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | flag)
             self._cold = uncached(whole, size, 16)
