@@ -250,31 +250,26 @@ async def amain(args: argparse.Namespace, workdir: Path) -> tuple[list[Stall], d
         await stager.close()
         gc.collect()
     path = workdir / "stalls.pt"
+
+    async def save(stager: aiostage.DefaultStager) -> None:
+        handle = await stager.save(state, path)
+        await handle.wait()
+
     print("first save() on fresh stagers")
     for i in range(args.repeat):
         remove(path)
         stager = aiostage.DefaultStager()
-
-        async def save(st: aiostage.DefaultStager = stager) -> None:
-            handle = await st.save(state, path)
-            await handle.wait()
-
-        await watched(f"save #{i}", over, save(), stalls)
+        await watched(f"save #{i}", over, save(stager), stalls)
         await stager.close()
         gc.collect()
     print("warm save() on one stager (after a first one)")
     async with aiostage.DefaultStager() as warm:
-
-        async def save_warm() -> None:
-            handle = await warm.save(state, path)
-            await handle.wait()
-
         remove(path)
-        await save_warm()
+        await save(warm)
         for i in range(args.repeat):
             remove(path)
             gc.collect()
-            await watched(f"warm save #{i}", over, save_warm(), stalls)
+            await watched(f"warm save #{i}", over, save(warm), stalls)
     print("cold load() of the last save")
     for i in range(args.repeat):
         drop_cache(path)
