@@ -7,6 +7,7 @@ import ctypes
 import errno
 import mmap
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -21,15 +22,15 @@ def direct_io_works(directory: Path) -> bool:
     flag = getattr(os, "O_DIRECT", 0)
     if not flag:
         return False
-    probe = directory / "probe"
-    try:
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | flag, 0o600)
-    except OSError as exc:
-        if exc.errno == errno.EINVAL:
-            return False
-        raise
-    os.close(fd)
-    probe.unlink()
+    # A directory of its own: a fixed name could meet another run's file.
+    with tempfile.TemporaryDirectory(dir=directory, prefix="aiostage-direct-probe-") as scratch:
+        try:
+            fd = os.open(Path(scratch) / "probe", os.O_WRONLY | os.O_CREAT | flag, 0o600)
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:
+                return False
+            raise
+        os.close(fd)
     return True
 
 
