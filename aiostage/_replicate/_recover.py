@@ -74,8 +74,8 @@ async def load_replica(
     ``weights_only`` (plain tensors, containers and atomic values, and
     DTensors, whose classes torch allow-lists; other classes must be listed
     in ``safe_globals``).  ShardedTensors need ``weights_only=False``, which
-    runs a plain ``torch.load`` (no CRC check) and may execute code from the
-    file: use it only for files written by this job.
+    runs a plain ``torch.load`` after the same CRC check and may execute code
+    from the file: use it only for files written by this job.
 
     Raises:
         ReplicationError: no replica of ``rank`` in ``storage_dir``.
@@ -88,9 +88,11 @@ async def load_replica(
     step runs in a worker thread that is waited for, its result dropped.
     Nothing is left open.
     """
-    from aiostage._load._reader import load
+    from aiostage._load._reader import load, verify_records
 
     path = await run_sync(find_replica, storage_dir, rank)
     if not weights_only:
+        if verify:
+            await verify_records(path)
         return await run_sync(_load_trusted, path)
     return await load(path, verify=verify, safe_globals=safe_globals)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import fractions
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -265,6 +266,28 @@ async def test_load_replica_checks_the_file(tmp_path: Path) -> None:
     path.write_bytes(bytes(data))
     with pytest.raises(aiostage.CorruptCheckpointError):
         await aiostage.load_replica(tmp_path, 1)
+
+
+async def test_load_replica_trusted_still_checks_the_crcs(tmp_path: Path) -> None:
+    # A class torch does not allow-list: only weights_only=False loads it.
+    state = {"base": torch.arange(4096.0), "lr": fractions.Fraction(1, 3)}
+    path = await aiostage.persist(state, tmp_path / replica_filename(0, 1))
+    with pytest.raises(aiostage.UnsafeCheckpointError, match="Fraction"):
+        await aiostage.load_replica(tmp_path, 1)
+    loaded = await aiostage.load_replica(tmp_path, 1, weights_only=False)
+    assert loaded["lr"] == fractions.Fraction(1, 3)
+    assert torch.equal(loaded["base"], state["base"])
+    data = bytearray(path.read_bytes())
+    at = data.find(state["base"].numpy().tobytes()[8:24])
+    assert at > 0
+    data[at] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(aiostage.CorruptCheckpointError) as caught:
+        await aiostage.load_replica(tmp_path, 1, weights_only=False)
+    assert caught.value.record is not None and caught.value.record.endswith("data/0")
+    # verify=False is the caller's choice to skip the check.
+    unchecked = await aiostage.load_replica(tmp_path, 1, weights_only=False, verify=False)
+    assert not torch.equal(unchecked["base"], state["base"])
 
 
 def test_encode_decode_keeps_conj_neg_attributes_and_parameters() -> None:
