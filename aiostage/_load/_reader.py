@@ -115,6 +115,37 @@ busy while one of them copies out of its bounce buffer, and cost the event
 loop little."""
 
 
+_LEGACY_MAGIC = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)
+"""How a ``torch.save`` file in the legacy (pre-1.6, non-zip) format begins:
+its magic number, pickled."""
+
+
+class _LegacyFormat(Exception):
+    """Raised by :func:`_open_archive`: the file is not a zip archive but a
+    legacy ``torch.save`` file of ``size`` bytes."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.size = size
+
+
+def _legacy_refused(path: str, what: str) -> CheckpointLoadError:
+    return CheckpointLoadError(
+        "a torch.save file in the legacy (pre-1.6, non-zip) format, which has no CRC-32s "
+        f"to verify and no records to read in place or map, so {what} cannot read it; "
+        "load it with aiostage.load(path) alone (and persist it again to convert it)",
+        path=path,
+    )
+
+
+def _starts_legacy(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(_LEGACY_MAGIC)) == _LEGACY_MAGIC
+    except OSError:
+        return False
+
+
 class _Entry(NamedTuple):
     """Where one record's bytes lie in the file."""
 
@@ -348,6 +379,8 @@ def _open_archive(path: str) -> list[_Entry]:
     except CorruptCheckpointError:
         raise
     except _ZIP_ERRORS as exc:
+        if _starts_legacy(path):
+            raise _LegacyFormat(st.st_size) from exc
         raise CorruptCheckpointError(
             f"not a torch.save zip archive, or truncated ({exc})", path=path
         ) from exc
@@ -375,7 +408,9 @@ async def verify_records(path: str | os.PathLike[str], *, progress: Progress | N
     Raises:
         CorruptCheckpointError: a record's bytes do not match (``record``
             names it), or the archive is truncated or not a zip archive.
-        CheckpointLoadError: the file is missing or unreadable.
+        CheckpointLoadError: the file is missing or unreadable, or it is a
+            legacy (pre-1.6, non-zip) ``torch.save`` file, which has no
+            CRC-32s.
 
     Cancellation:
         Stops between chunks: the chunk being read is finished by its worker
@@ -383,7 +418,10 @@ async def verify_records(path: str | os.PathLike[str], *, progress: Progress | N
     """
     check_progress(progress)
     fspath = os.fspath(path)
-    entries = await run_sync(_open_archive, fspath)
+    try:
+        entries = await run_sync(_open_archive, fspath)
+    except _LegacyFormat:
+        raise _legacy_refused(fspath, "verify_records()") from None
     await _verify_entries(fspath, entries, progress)
 
 
@@ -777,6 +815,8 @@ def _translate(path: str, exc: Exception) -> CheckpointLoadError:
         "PytorchStreamReader" in text or "zip archive" in text or "central directory" in text
     ):
         return CorruptCheckpointError(f"torch could not read the archive ({text})", path=path)
+    if isinstance(exc, RuntimeError) and "unexpected EOF" in text:  # a truncated legacy file
+        return CorruptCheckpointError(f"the file ends early ({text})", path=path)
     return CheckpointLoadError(f"torch.load failed ({type(exc).__name__}: {text})", path=path)
 
 
@@ -800,8 +840,11 @@ async def load(
     Runs on an asyncio event loop (plain asyncio or anyio's asyncio backend).
 
     Args:
-        path: a ``torch.save``-format zip archive (the legacy pre-1.6
-            non-zip format is not accepted).
+        path: a ``torch.save``-format zip archive.  A file in the legacy
+            (pre-1.6, non-zip) format is read whole by ``torch.load``
+            (``weights_only`` too); it has no CRC-32s and no records to
+            read in place, so it takes neither ``verify``, ``into`` nor
+            ``mmap``.
         map_location: as for ``torch.load``; CPU by default.  A CPU load
             reads the records with ``READ_THREADS`` worker threads (one
             core is left to the event loop); any other value goes through
@@ -855,8 +898,9 @@ async def load(
         The loaded object.
 
     Raises:
-        CheckpointLoadError: the file is missing or unreadable, or torch
-            failed for another reason (e.g. a bad ``map_location``).
+        CheckpointLoadError: the file is missing or unreadable, a legacy
+            (non-zip) file was given ``verify``, ``into`` or ``mmap``, or
+            torch failed for another reason (e.g. a bad ``map_location``).
         CorruptCheckpointError: not a zip archive, truncated, a record's
             directory entry or local header is inconsistent, ``data.pkl``
             cannot be unpickled, or (with ``verify``) a record's CRC-32
@@ -886,20 +930,31 @@ async def load(
     check_progress(progress)
     direct = use_direct_io(direct_io)
     fspath = os.fspath(path)
+    allowed = list(safe_globals or ())
+    cpu = _is_cpu(map_location)
+    if into is not None and (mmap or not cpu):
+        raise ValueError(
+            "load(into=...) reads into CPU tensors: it takes neither mmap nor map_location"
+        )
     with gc_paused():  # see aiostage._gc: tens of thousands of new objects
-        entries = await run_sync(_open_archive, fspath)
-        total = sum(e.size for e in entries)
-        if verify:
-            await _verify_entries(fspath, entries, progress)
-        allowed = list(safe_globals or ())
-        cpu = _is_cpu(map_location)
-        if into is not None and (mmap or not cpu):
-            raise ValueError(
-                "load(into=...) reads into CPU tensors: it takes neither mmap nor map_location"
-            )
+        entries: list[_Entry] | None
+        try:
+            entries = await run_sync(_open_archive, fspath)
+        except _LegacyFormat as legacy:
+            flags = (("verify=True", verify), ("into=...", into is not None), ("mmap=True", mmap))
+            given = [name for name, on in flags if on]
+            if given:
+                raise _legacy_refused(fspath, f"load({', '.join(given)})") from None
+            entries, total = None, legacy.size  # torch.load reads it whole
+        else:
+            total = sum(e.size for e in entries)
+            if verify:
+                await _verify_entries(fspath, entries, progress)
         result: Any = None
-        with_torch = not cpu  # torch.load places storages on other devices
-        if cpu:
+        # torch.load places storages on other devices, and reads legacy files.
+        with_torch = not cpu or entries is None
+        if not with_torch:
+            assert entries is not None
             try:
                 result = await _read_state(fspath, entries, allowed, into, mmap, direct)
             except _records.Unsupported:  # big-endian, or an odd layout: torch.load copes
