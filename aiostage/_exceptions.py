@@ -7,7 +7,7 @@
     │                                (``.path`` names it, e.g. ``optimizer.state.3.exp_avg``)
     ├── StagerClosedError            ``stage()`` or ``save()`` after ``close()``
     ├── PersistError                 writing a checkpoint failed; the previous one is intact
-    │                                (``.path``, ``.errno``)
+    │                                (``.path``, ``.errno``, ``.key``)
     ├── CheckpointLoadError          a checkpoint could not be read
     │   ├── CorruptCheckpointError   a record's bytes or the archive's structure are wrong
     │   ├── UnsafeCheckpointError    ``weights_only`` loading refused a global
@@ -69,14 +69,26 @@ class PersistError(AiostageError):
     The previous checkpoint at ``path`` (if any) is untouched and no
     temporary file is left behind.  ``errno`` carries the OS error number when
     the cause was an ``OSError`` (for example ``errno.ENOSPC`` or
-    ``errno.EFBIG``), else ``None``.
+    ``errno.EFBIG``), else ``None``.  ``key`` is the key path, dotted
+    (``"optim.param_groups.0.scheduler"``), of the value in the state that
+    could not be pickled, when that was the cause and the value was found;
+    else ``None``.
     """
 
-    def __init__(self, message: str, *, path: str | os.PathLike[str], errno: int | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | os.PathLike[str],
+        errno: int | None = None,
+        key: str | None = None,
+    ):
         name = f" [{_errno.errorcode.get(errno, errno)}]" if errno is not None else ""
-        super().__init__(f"{message}{name}: {os.fspath(path)}")
+        at = f" (at {key!r})" if key is not None else ""
+        super().__init__(f"{message}{at}{name}: {os.fspath(path)}")
         self.path = os.fspath(path)
         self.errno = errno
+        self.key = key
 
 
 class CheckpointLoadError(AiostageError):

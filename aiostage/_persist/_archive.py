@@ -38,8 +38,9 @@ import pickle
 import secrets
 import struct
 import sys
+import types
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,6 +83,16 @@ PICKLE_PROTOCOL = 2
 
 class StateLayoutError(Exception):
     """The state cannot be written as a ``torch.save`` archive."""
+
+
+class StatePickleError(Exception):
+    """Pickling a state failed with ``cause``; ``key`` is the key path of the
+    value at fault (see :func:`locate_failure`), when one was found."""
+
+    def __init__(self, cause: Exception, key: str | None) -> None:
+        super().__init__(cause, key)
+        self.cause = cause
+        self.key = key
 
 
 @dataclass(eq=False)
@@ -231,6 +242,69 @@ def pickle_state(obj: object) -> tuple[bytes, list[StorageRecord]]:
     pickler = _StatePickler(buf)
     pickler.dump(obj)
     return buf.getvalue(), pickler.records
+
+
+class _Discard:
+    """A file that forgets what is written to it."""
+
+    def write(self, data: bytes) -> int:
+        return len(data)
+
+
+_OPAQUE = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType)
+
+
+def _parts(value: object) -> Iterator[tuple[str, object]]:
+    """The named parts of ``value`` that its pickle is made of, as far as
+    they can be named: items, elements, attributes."""
+    if isinstance(value, dict):
+        yield from ((str(k), v) for k, v in value.items())
+    elif isinstance(value, (list, tuple)):
+        yield from ((str(i), v) for i, v in enumerate(value))
+    elif not isinstance(value, _OPAQUE):
+        attrs = getattr(value, "__dict__", None)
+        if isinstance(attrs, dict):
+            yield from ((str(k), v) for k, v in attrs.items())
+
+
+def locate_failure(obj: object) -> str | None:
+    """The key path (``"optim.state.3.exp_avg"``, ``"<root>"``) of the value
+    that keeps ``obj`` from pickling, for an error message; ``None`` where
+    ``obj`` pickles after all.
+
+    Only run once :func:`pickle_state` has failed (worker thread).  Pickles
+    the parts of each failing value one at a time, into nothing, and goes
+    down into the first that fails, through dicts, lists, tuples and
+    objects' attributes; a value none of whose parts fails alone is the one
+    at fault.  One pickler serves all, so storages stay persistent ids (no
+    tensor's bytes are read) and a storage viewed as two dtypes fails at the
+    second view.
+    """
+    pickler = _StatePickler(_Discard())  # type: ignore[arg-type]
+
+    def fails(value: object) -> bool:
+        pickler.clear_memo()
+        try:
+            pickler.dump(value)
+        except Exception:
+            return True
+        return False
+
+    try:
+        if not fails(obj):
+            return None
+        path: list[str] = []
+        value = obj
+        while True:
+            for key, part in _parts(value):
+                if fails(part):
+                    path.append(key)
+                    value = part
+                    break
+            else:
+                return ".".join(path) or "<root>"
+    except RecursionError:
+        return None
 
 
 # --- layout -------------------------------------------------------------------

@@ -322,7 +322,10 @@ def _wait_all(futures: list[concurrent.futures.Future[None]]) -> None:
 
 
 def _prepare(obj: object, force_zip64: bool, direct: bool) -> _archive.ArchivePlan:
-    pickled, storages = _archive.pickle_state(obj)
+    try:
+        pickled, storages = _archive.pickle_state(obj)
+    except Exception as exc:
+        raise _archive.StatePickleError(exc, _archive.locate_failure(obj)) from exc
     return _archive.plan_archive(
         pickled,
         storages,
@@ -597,9 +600,12 @@ async def persist(
             raise PersistError(
                 f"{step} failed ({exc.strerror or exc})", path=target, errno=exc.errno
             ) from exc
-        if isinstance(exc, _archive.StateLayoutError):
-            raise PersistError(f"{step} failed: {exc}", path=target) from exc
-        if isinstance(exc, Exception) and step == "pickling the state":
-            raise PersistError(f"{step} failed: {exc!r}", path=target) from exc
+        if isinstance(exc, _archive.StatePickleError):
+            cause = exc.cause
+            detail = str(cause) if isinstance(cause, _archive.StateLayoutError) else repr(cause)
+            errno = cause.errno if isinstance(cause, OSError) else None
+            raise PersistError(
+                f"{step} failed: {detail}", path=target, errno=errno, key=exc.key
+            ) from cause
         raise
     return target

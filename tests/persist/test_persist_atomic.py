@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import pickle
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import anyio
@@ -191,9 +193,50 @@ async def test_unpicklable_state_is_a_persist_error(tmp_path: Path) -> None:
 
 async def test_views_with_different_dtypes_are_refused(tmp_path: Path) -> None:
     base = torch.zeros(8)
-    with pytest.raises(PersistError, match="different dtypes"):
+    with pytest.raises(PersistError, match="different dtypes") as info:
         await aiostage.persist({"f": base, "i": base.view(torch.int32)}, tmp_path / "c.pt")
+    assert info.value.key == "i"  # the second view
     assert listing(tmp_path) == []
+
+
+class _Scheduler:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.rate = 0.1
+
+
+@pytest.mark.parametrize(
+    ("state", "key"),
+    [
+        ({"opt": {"groups": [{"lr": 0.1}, {"lr": 0.2, "hook": lambda: 1}]}}, "opt.groups.1.hook"),
+        ({"t": torch.ones(2), "sched": _Scheduler()}, "sched.lock"),  # an attribute
+        ({"steps": (1, 2, threading.Lock())}, "steps.2"),
+        ({3: {"x": threading.Lock()}}, "3.x"),  # a key that is not a string
+        (threading.Lock(), "<root>"),
+    ],
+)
+async def test_an_unpicklable_value_is_named_by_its_key_path(
+    tmp_path: Path, state: object, key: str
+) -> None:
+    with pytest.raises(PersistError) as info:
+        await aiostage.persist(state, tmp_path / "c.pt")
+    assert info.value.key == key
+    assert f"(at {key!r})" in str(info.value)
+    assert isinstance(info.value.__cause__, (TypeError, AttributeError, pickle.PicklingError))
+    assert listing(tmp_path) == []
+
+
+def test_locating_a_failure_reads_no_tensor_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The search pickles storages as persistent ids, like the write."""
+    from aiostage._persist import _archive
+
+    def no_bytes(*args: object) -> None:
+        raise AssertionError("a storage's bytes were pickled")
+
+    monkeypatch.setattr(torch.UntypedStorage, "__reduce__", no_bytes)
+    state = {"w": torch.ones(4), "deep": {"ok": [torch.zeros(2)], "bad": threading.Lock()}}
+    assert _archive.locate_failure(state) == "deep.bad"
+    assert _archive.locate_failure({"w": torch.ones(4)}) is None
 
 
 async def test_symlinked_temp_name_is_not_followed(
