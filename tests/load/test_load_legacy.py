@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from _compare import assert_same
-from test_load_records import mixed_state
+from _states import mixed_state
 
 import aiostage
 from aiostage import CheckpointLoadError, CorruptCheckpointError, UnsafeCheckpointError
