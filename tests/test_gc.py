@@ -125,3 +125,26 @@ async def test_a_write_pickles_and_lays_out_its_batches_with_the_collector_pause
     with pytest.raises(PersistError):
         await persist({"bad": object.__new__(_Unstageable)}, tmp_path / "b.pt")
     assert gc.isenabled()
+
+
+@pytest.mark.usefixtures("collector_on")
+async def test_writing_the_central_directory_sets_off_no_collection(tmp_path: Path) -> None:
+    """A tuple per record (20,000 of them) set off young collections of the
+    writer's own records, then a full one (142 ms, the loop waiting for the
+    GIL); the directory is built with no container per record now."""
+    state = {f"t{i}": torch.full((2,), float(i)) for i in range(5000)}
+    plan = _archive.plan_archive(*_archive.pickle_state(state))
+    collections: list[int] = []
+
+    def count(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            collections.append(info["generation"])
+
+    gc.collect()
+    gc.callbacks.append(count)
+    try:
+        tail = plan.tail_bytes()
+    finally:
+        gc.callbacks.remove(count)
+    assert collections == []
+    assert tail.count(b"PK\x01\x02") == len(plan.head_records) + 5000 + len(plan.tail_records)
