@@ -115,7 +115,7 @@ def remove_stale_temps(target: Path) -> list[Path]:
     return removed
 
 
-def write_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+def write_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
     """``pwrite`` all of ``data`` at ``offset``, retrying short writes."""
     view = memoryview(data)
     while view.nbytes:

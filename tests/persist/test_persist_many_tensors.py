@@ -10,6 +10,7 @@ import os
 import sys
 import threading
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,43 @@ async def test_batching_and_central_directory_are_built_off_the_loop(
     assert set(threads) == {"batches", "tail"}
     assert loop_thread not in threads.values()
     assert torch.equal((await aiostage.load(path, verify=True))["t9"], state["t9"])
+
+
+@pytest.mark.parametrize("direct_io", [True, False])
+async def test_small_records_go_out_with_their_headers_a_run_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct_io: bool
+) -> None:
+    """A small record's bytes and its local header were two writes (the
+    header once the CRC thread had the CRC): 40,000 system calls for 20,000
+    records.  The writer checksums small records itself and writes a run of
+    them, headers included, in one call; the CRC thread never sees them."""
+    writes: list[int] = []
+    real_write = _writer._atomic.write_all
+
+    def write_all(fd: int, data: bytes, offset: int) -> None:
+        writes.append(len(data))
+        real_write(fd, data, offset)
+
+    folded: list[int] = []
+    real_crc = _writer._crc_pieces
+
+    def crc_pieces(batch: list[Any]) -> None:
+        folded.extend(p.rec.nbytes for p in batch if p.end > p.start and not p.inline)
+        real_crc(batch)
+
+    monkeypatch.setattr(_writer._atomic, "write_all", write_all)
+    monkeypatch.setattr(_writer, "_crc_pieces", crc_pieces)
+    state: dict[str, Any] = {f"t{i}": torch.full((100,), float(i)) for i in range(600)}
+    state["big"] = torch.arange(float(2**18))  # 1 MiB: checksummed by the CRC thread
+    state["tail"] = [torch.ones(3), torch.zeros(0)]  # (an empty record too)
+    path = await aiostage.persist(state, tmp_path / "small.pt", direct_io=direct_io)
+    assert len(writes) < 30  # (600 records: 3 batches of at most 256)
+    assert folded == [2**20]  # only the large record
+    with zipfile.ZipFile(path) as zf:
+        assert zf.testzip() is None  # every CRC-32 matches
+    loaded = await aiostage.load(path, verify=True)
+    assert all(torch.equal(loaded[k], state[k]) for k in ("t0", "t599", "big"))
+    assert torch.equal(loaded["tail"][0], torch.ones(3)) and loaded["tail"][1].numel() == 0
 
 
 async def test_wait_ready_calls_per_loop_step_are_bounded(tmp_path: Path) -> None:
