@@ -65,6 +65,20 @@ async def test_full_disk_gives_enospc_and_keeps_previous(small_disk: Path, direc
     assert torch.equal((await aiostage.load(target))["w"], too_big["w1"][: MiB // 2])
 
 
+async def test_full_disk_mid_run_of_small_records(small_disk: Path) -> None:
+    """Small records go out a run at a time, with their headers (see
+    INLINE_MAX_BYTES): ENOSPC in such a write is handled the same way."""
+    target = small_disk / "ckpt.pt"
+    previous = {"w": torch.arange(1000.0)}
+    await persist(previous, target)
+    many = {f"t{i}": torch.full((1024,), float(i)) for i in range(3000)}  # 12 MiB of 4 KiB
+    with pytest.raises(PersistError) as info:
+        await persist(many, target)
+    assert info.value.errno == errno.ENOSPC
+    assert os.listdir(small_disk) == ["ckpt.pt"]
+    assert torch.equal((await aiostage.load(target, verify=True))["w"], previous["w"])
+
+
 def used_bytes(directory: Path) -> int:
     st = os.statvfs(directory)
     return (st.f_blocks - st.f_bfree) * st.f_frsize
