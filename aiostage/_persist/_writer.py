@@ -14,9 +14,12 @@ even on a plain ``Task.cancel()``):
    ``O_DIRECT`` (see *Direct I/O* below); small storages
    share one thread hop (at most ``MAX_BATCH_PIECES`` of them, so that the
    loop's per-batch work stays short; the batches are planned in a worker
-   thread).  Behind the writer (on more than two cores; on fewer, after the
-   last write), one CRC thread folds each written chunk into its record's
-   CRC-32 and writes the record's local header once the record is complete;
+   thread), and those of at most :data:`INLINE_MAX_BYTES` are checksummed
+   by the writer and written with their local headers, a run in one write.
+   Behind the writer (on more than two cores; on fewer, after the
+   last write), one CRC thread folds each written chunk of the others into
+   its record's CRC-32 and writes the record's local header once the record
+   is complete;
 5. ``fdatasync`` the data while the last CRCs finish, then build and write
    the trailing records and the central directory (which carry the CRCs) in
    a worker thread;
@@ -651,5 +654,7 @@ async def persist(
             raise PersistError(
                 f"{step} failed: {detail}", path=target, errno=errno, key=exc.key
             ) from cause
+        if isinstance(exc, Exception) and step == "pickling the state":  # (laying it out)
+            raise PersistError(f"{step} failed: {exc!r}", path=target) from exc
         raise
     return target

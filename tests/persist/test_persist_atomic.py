@@ -226,6 +226,21 @@ async def test_an_unpicklable_value_is_named_by_its_key_path(
     assert listing(tmp_path) == []
 
 
+async def test_a_failure_laying_out_the_archive_is_a_persist_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from aiostage._persist import _archive
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise ValueError("cannot pad")
+
+    monkeypatch.setattr(_archive, "plan_archive", broken)
+    with pytest.raises(PersistError, match="cannot pad") as info:
+        await aiostage.persist({"w": torch.ones(2)}, tmp_path / "c.pt")
+    assert info.value.key is None and isinstance(info.value.__cause__, ValueError)
+    assert listing(tmp_path) == []
+
+
 def test_locating_a_failure_reads_no_tensor_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
     """The search pickles storages as persistent ids, like the write."""
     from aiostage._persist import _archive
