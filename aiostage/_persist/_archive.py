@@ -217,9 +217,11 @@ def _plain_reduction(t: torch.Tensor) -> tuple[Any, ...] | None:
     requiring grad, no conjugate or negative bit, a dtype with a legacy
     storage class.  ``None`` for any other: torch reduces it.
 
-    The pickle is byte for byte torch's (a test compares them)."""
+    The pickle is byte for byte torch's (a test compares them, and
+    :func:`_torch_reduces_alike` checks this torch once per process)."""
     if (
-        t.layout is not torch.strided
+        not _torch_reduces_alike()
+        or t.layout is not torch.strided
         or t.device.type != "cpu"
         or t.requires_grad
         or t.is_quantized
@@ -238,6 +240,30 @@ def _plain_reduction(t: torch.Tensor) -> tuple[Any, ...] | None:
         collections.OrderedDict(),
     )
     return (torch._utils._rebuild_tensor_v2, args)
+
+
+@functools.cache
+def _torch_reduces_alike() -> bool:
+    """Whether this torch reduces a plain tensor as :func:`_plain_reduction`
+    does (torch's reduction is not a public interface): compared once, on a
+    view with an offset and strides; where it differs torch reduces every
+    tensor itself."""
+    sample = torch.arange(12.0).view(3, 4)[1:, ::2]
+    try:
+        func, args = sample.__reduce_ex__(PICKLE_PROTOCOL)
+        storage = args[0]
+        return (
+            func is torch._utils._rebuild_tensor_v2
+            and len(args) == 6
+            and isinstance(storage, torch.storage.TypedStorage)
+            and storage.dtype is sample.dtype
+            and storage._untyped_storage.data_ptr() == sample.untyped_storage().data_ptr()
+            and args[1:5] == (4, (2, 2), (4, 2), False)
+            and type(args[5]) is collections.OrderedDict
+            and not args[5]
+        )
+    except Exception:
+        return False
 
 
 class _StatePickler(pickle.Pickler):

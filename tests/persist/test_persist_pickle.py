@@ -112,3 +112,24 @@ def test_the_reductions_outlive_the_memo_and_are_freed(monkeypatch: pytest.Monke
     _archive.pickle_state(state)
     assert alive_at_clear == [1000]
     assert len(turns) >= 10  # (a turn after each block freed, besides the pickling's)
+
+
+def test_a_torch_that_reduces_otherwise_reduces_every_tensor(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """torch's reduction is not a public interface: it is compared once per
+    process, and where it differs torch reduces every tensor itself."""
+    assert _archive._torch_reduces_alike()  # (this torch: the fast path is used)
+    reduced: list[type] = []
+    original = torch.Tensor.__reduce_ex__
+
+    def counting(self: torch.Tensor, proto: int) -> Any:
+        reduced.append(type(self))
+        return original(self, proto)
+
+    monkeypatch.setattr(_archive, "_torch_reduces_alike", lambda: False)
+    monkeypatch.setattr(torch.Tensor, "__reduce_ex__", counting)
+    state = {f"t{i}": torch.full((4,), float(i)) for i in range(20)}
+    ours, _ = _archive.pickle_state(state)
+    assert len(reduced) == 20
+    assert ours == torch_reduced(state)
