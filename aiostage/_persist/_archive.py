@@ -220,8 +220,7 @@ def _plain_reduction(t: torch.Tensor) -> tuple[Any, ...] | None:
     The pickle is byte for byte torch's (a test compares them, and
     :func:`_torch_reduces_alike` checks this torch once per process)."""
     if (
-        not _torch_reduces_alike()
-        or t.layout is not torch.strided
+        t.layout is not torch.strided
         or t.device.type != "cpu"
         or t.requires_grad
         or t.is_quantized
@@ -290,10 +289,11 @@ class _StatePickler(pickle.Pickler):
         self.made: list[tuple[Any, ...]] = []
         """The reductions made here, kept alive past the pickle's memo (see
         :func:`pickle_state`)."""
+        self._plain = _torch_reduces_alike()
 
     def reducer_override(self, obj: Any) -> Any:
         # Called for every object but the builtin types' (6 a tensor).
-        if type(obj) is torch.Tensor:
+        if self._plain and type(obj) is torch.Tensor:
             reduced = _plain_reduction(obj)
             if reduced is not None:
                 self.made.append(reduced)
