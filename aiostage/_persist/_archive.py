@@ -97,7 +97,7 @@ class StatePickleError(Exception):
         self.key = key
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class StorageRecord:
     """One storage to write: its record name and where its bytes go."""
 
@@ -114,7 +114,7 @@ class StorageRecord:
     :data:`DIRECT_ALIGN`, so its whole blocks can be written with ``O_DIRECT``."""
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Record:
     """A small record whose bytes are known up front (metadata, pickle)."""
 

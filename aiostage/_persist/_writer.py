@@ -116,7 +116,7 @@ thread had its CRC).  20,000 records of 4 KiB: 40,000 system calls, against
 about 80."""
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Piece:
     """A slice ``[start, end)`` of one storage's bytes."""
 
