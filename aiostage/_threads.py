@@ -47,6 +47,7 @@ __all__ = [
     "GilTurns",
     "BackgroundPool",
     "background_executor",
+    "free_in_blocks",
     "run_all",
     "run_background",
     "run_sync",
@@ -181,6 +182,25 @@ class GilTurns:
         if now - self._last > self.every:
             time.sleep(0)
             self._last = time.perf_counter()
+
+
+FREE_BLOCK = 1000
+"""Objects :func:`free_in_blocks` frees between two GIL turns."""
+
+
+def free_in_blocks(items: list[Any], turn: GilTurns | None = None) -> None:
+    """Empty ``items`` in place from the end, :data:`FREE_BLOCK` at a time,
+    with a GIL turn between blocks (for a worker thread).
+
+    Dropping the last reference to a list of tens of thousands of objects
+    frees them all in one call, holding the GIL: 20,000 of a write's
+    records and pieces took 6-11 ms on the event loop's thread when the
+    write returned, and 16-17 ms for a pickle's memo.
+    """
+    turn = turn or GilTurns()
+    while items:
+        del items[-FREE_BLOCK:]
+        turn()
 
 
 BACKGROUND_NICE_ENV = "AIOSTAGE_BACKGROUND_NICE"

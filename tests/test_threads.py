@@ -158,6 +158,23 @@ async def test_gil_turns_let_the_loop_run_beside_pure_python_work(turns: bool) -
         assert median >= 0.9 * sys.getswitchinterval(), median
 
 
+def test_free_in_blocks_empties_the_list_in_place_with_turns_between_blocks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Freeing tens of thousands of objects in one call holds the GIL for
+    milliseconds: they are freed a block at a time, the GIL handed over
+    between blocks."""
+    monkeypatch.setattr(_threads, "FREE_BLOCK", 10)
+    alive_at_turn: list[int] = []
+    items: list[Any] = [object() for _ in range(95)]
+    turn = GilTurns()
+    monkeypatch.setattr(turn, "every", 0.0)
+    monkeypatch.setattr(_threads.time, "sleep", lambda _: alive_at_turn.append(len(items)))
+    _threads.free_in_blocks(items, turn)
+    assert items == []
+    assert alive_at_turn == [85, 75, 65, 55, 45, 35, 25, 15, 5, 0]
+
+
 def _own_niceness() -> int:
     return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
 

@@ -48,7 +48,7 @@ from typing import Any
 
 import torch
 
-from aiostage._threads import GilTurns
+from aiostage._threads import GilTurns, free_in_blocks
 
 ALIGNMENT = 64
 """Data alignment of every record, as ``torch.save`` writes it."""
@@ -361,15 +361,8 @@ def pickle_state(obj: object) -> tuple[bytes, list[StorageRecord]]:
     # an OrderedDict: 20,000 tensors, 16-17 ms) in one call, holding the
     # GIL.  They are kept past it (4 ms) and freed a block at a time.
     pickler.clear_memo()
-    made = pickler.made
-    while made:
-        del made[-_FREE_BLOCK:]
-        pickler._turn()
+    free_in_blocks(pickler.made, pickler._turn)
     return buf.getvalue(), pickler.records
-
-
-_FREE_BLOCK = 1000
-"""Objects freed at once between two chances for the event loop to take the GIL."""
 
 
 class _Discard:

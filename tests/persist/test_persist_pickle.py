@@ -13,6 +13,7 @@ import torch
 from _states import mixed_state
 
 import aiostage
+from aiostage import _threads
 from aiostage._persist import _archive
 
 
@@ -106,7 +107,7 @@ def test_the_reductions_outlive_the_memo_and_are_freed(monkeypatch: pytest.Monke
 
     turns: list[int] = []
     monkeypatch.setattr(_archive._StatePickler, "clear_memo", clear_memo)
-    monkeypatch.setattr(_archive, "_FREE_BLOCK", 100)
+    monkeypatch.setattr(_threads, "FREE_BLOCK", 100)
     monkeypatch.setattr(_archive.GilTurns, "__call__", lambda self: turns.append(1))
     state = {f"t{i}": torch.full((2,), float(i)) for i in range(1000)}
     _archive.pickle_state(state)

@@ -170,3 +170,27 @@ def test_forked_child_persists_with_pools_of_its_own(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "CHILD 0" in proc.stdout, proc.stdout + proc.stderr
     assert sorted(os.listdir(tmp_path)) == ["a.pt", "b.pt"]
+
+
+async def test_the_writes_records_are_freed_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write holds an object per storage and per piece: 20,000 of them
+    freed when persist() returned held the loop 6-11 ms.  A worker thread
+    empties those lists before it returns."""
+    freed: list[tuple[bool, int]] = []
+    real = _writer.free_in_blocks
+
+    def spy(items: list[Any], turn: Any = None) -> None:
+        count = len(items)
+        real(items, turn)
+        freed.append((threading.current_thread() is threading.main_thread(), count))
+
+    monkeypatch.setattr(_writer, "free_in_blocks", spy)
+    state = {f"t{i}": torch.full((4,), float(i)) for i in range(50)}
+    state["big"] = torch.zeros(3 * MiB // 4)
+    await persist(state, tmp_path / "ck.pt")
+    on_loop = [n for main, n in freed if main]
+    assert on_loop == []
+    assert sum(n for _, n in freed) >= 2 * 51  # every storage's record and its piece(s)
+    assert torch.load(tmp_path / "ck.pt", weights_only=True)["t7"][0] == 7.0
