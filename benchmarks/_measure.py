@@ -111,6 +111,44 @@ def steal_ms() -> float:
     return int(fields[8]) * 1000 / os.sysconf("SC_CLK_TCK")
 
 
+def _kdamond_pids() -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/comm") as f:
+                    if f.read().startswith("kdamond"):
+                        pids.append(int(entry))
+            except OSError:
+                continue
+    return pids
+
+
+_KDAMOND_PIDS: list[int] | None = None
+
+
+def kdamond_ms() -> float:
+    """CPU time of the kernel's DAMON threads (``kdamond.*``), in ms, from
+    their ``/proc/PID/schedstat`` (ns); 0 where none runs.
+
+    The development VM runs one with a ``pageout`` scheme (page cache left
+    cold for a minute is reclaimed): a kernel thread that, with kernel
+    preemption off, keeps a core until it yields, for up to 7 ms at a time
+    in `stalls.py --perf`'s runs, with the loop's thread queued behind it.
+    """
+    global _KDAMOND_PIDS
+    if _KDAMOND_PIDS is None:
+        _KDAMOND_PIDS = _kdamond_pids()
+    total = 0
+    for pid in _KDAMOND_PIDS:
+        try:
+            with open(f"/proc/{pid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except OSError:
+            continue
+    return total / 1e6
+
+
 # --- resident memory ------------------------------------------------------------
 
 

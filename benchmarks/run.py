@@ -47,6 +47,7 @@ from _measure import (
     Phase,
     check_hwm_reset,
     hwm_bytes,
+    kdamond_ms,
     lag_stats,
     reset_hwm,
     rss_bytes,
@@ -337,7 +338,7 @@ class Bench:
                 if asyncio.iscoroutine(res):
                     await res
             gc.collect()
-            stolen = steal_ms()
+            stolen, damon = steal_ms(), kdamond_ms()
             with rss_window(ph), GcWatch() as gcw:
                 async with LagTicker() as ticker:
                     t0 = time.perf_counter()
@@ -346,6 +347,8 @@ class Bench:
                 ph.lags.extend(ticker.lags)
             # per repeat: the VM's steal time and the longest loop stall
             ph.extra.setdefault("steal_ms", []).append(steal_ms() - stolen)
+            # and the CPU time of the kernel's DAMON thread (see kdamond_ms)
+            ph.extra.setdefault("kdamond_ms", []).append(round(kdamond_ms() - damon, 1))
             ph.extra.setdefault("lag_max_ms_by_repeat", []).append(
                 lag_stats(ticker.lags)["lag_max_ms"]
             )
@@ -970,6 +973,8 @@ def evaluate(b: Bench) -> list[dict[str, Any]]:
                     v <= 10,
                     f"{len(unstolen)} of {len(stolen)} repeats; steal "
                     + "/".join(f"{x:.0f}" for x in stolen)
+                    + " ms; kdamond "
+                    + "/".join(f"{x:.0f}" for x in p[key].extra.get("kdamond_ms", []))
                     + " ms",
                 )
     if "A.fresh_copy_thread" in p:
