@@ -3,13 +3,15 @@
 Usage::
 
     python benchmarks/stalls.py --dir /tmp/aiostage-bench [--size-gib 1] [--repeat 5] [--perf]
+        [--phases control,stage,save,warm,persist,load]
 
 Prepares the machine as the harness does before its aiostage phases (state A
 made, and the harness's own limit phases run on it, their buffers kept),
-then runs first ``stage()`` and first ``save()`` calls on fresh stagers, warm
-``save()`` calls on one stager and cold loads, while a
-ticker records every wake-up later than ``--over`` ms, with its monotonic
-timestamps.
+then runs the ``--phases`` asked for: the fresh-memory control, first
+``stage()`` and first ``save()`` calls on fresh stagers, warm ``save()``
+calls on one stager, ``persist()`` of a staged copy (not by default) and cold
+loads, while a ticker records every wake-up later than ``--over`` ms, with
+its monotonic timestamps.
 
 With ``--perf``, ``perf record`` (``cpu-clock`` samples, ``sched:sched_switch``
 and ``sched:sched_wakeup`` events, kernel and native call chains, on the
@@ -237,45 +239,63 @@ async def amain(args: argparse.Namespace, workdir: Path) -> tuple[list[Stall], d
     await bench.lag_floor("A")
     over = args.over / 1e3
     stalls: list[Stall] = []
-    print("control: the harness's copy into fresh memory in a worker thread (no aiostage)")
-    pieces = fresh_copy_pieces(bench.bufs["A"])
-    for i in range(args.repeat):
-        copy = anyio.to_thread.run_sync(copy_into_fresh_mappings, pieces)
-        unmap(await watched(f"control #{i}", over, copy, stalls))
-        gc.collect()
-    print("first stage() on fresh stagers")
-    for i in range(args.repeat):
-        stager = aiostage.DefaultStager()
-        await watched(f"stage #{i}", over, stager.stage(state), stalls)
-        await stager.close()
-        gc.collect()
+    phases = set(args.phases.split(","))
     path = workdir / "stalls.pt"
+    if "control" in phases:
+        print("control: the harness's copy into fresh memory in a worker thread (no aiostage)")
+        pieces = fresh_copy_pieces(bench.bufs["A"])
+        for i in range(args.repeat):
+            copy = anyio.to_thread.run_sync(copy_into_fresh_mappings, pieces)
+            unmap(await watched(f"control #{i}", over, copy, stalls))
+            gc.collect()
+    if "stage" in phases:
+        print("first stage() on fresh stagers")
+        for i in range(args.repeat):
+            stager = aiostage.DefaultStager()
+            await watched(f"stage #{i}", over, stager.stage(state), stalls)
+            await stager.close()
+            gc.collect()
 
     async def save(stager: aiostage.DefaultStager) -> None:
         handle = await stager.save(state, path)
         await handle.wait()
 
-    print("first save() on fresh stagers")
-    for i in range(args.repeat):
-        remove(path)
-        stager = aiostage.DefaultStager()
-        await watched(f"save #{i}", over, save(stager), stalls)
-        await stager.close()
-        gc.collect()
-    print("warm save() on one stager (after a first one)")
-    async with aiostage.DefaultStager() as warm:
-        remove(path)
-        await save(warm)
+    if "save" in phases:
+        print("first save() on fresh stagers")
         for i in range(args.repeat):
             remove(path)
+            stager = aiostage.DefaultStager()
+            await watched(f"save #{i}", over, save(stager), stalls)
+            await stager.close()
             gc.collect()
-            await watched(f"warm save #{i}", over, save(warm), stalls)
-    print("cold load() of the last save")
-    for i in range(args.repeat):
-        drop_cache(path)
-        loaded = await watched(f"load #{i}", over, aiostage.load(path), stalls)
-        del loaded
-        gc.collect()
+    if "warm" in phases:
+        print("warm save() on one stager (after a first one)")
+        async with aiostage.DefaultStager() as warm:
+            remove(path)
+            await save(warm)
+            for i in range(args.repeat):
+                remove(path)
+                gc.collect()
+                await watched(f"warm save #{i}", over, save(warm), stalls)
+    if "persist" in phases:
+        print("persist() of a staged copy (as the harness's A.persist)")
+        async with aiostage.DefaultStager() as stager:
+            staged = await stager.stage(state)
+            for i in range(args.repeat):
+                remove(path)
+                gc.collect()
+                await watched(f"persist #{i}", over, aiostage.persist(staged, path), stalls)
+            del staged
+    if "load" in phases:
+        print("cold load() of the last save")
+        if not path.exists():
+            async with aiostage.DefaultStager() as stager:
+                await save(stager)
+        for i in range(args.repeat):
+            drop_cache(path)
+            loaded = await watched(f"load #{i}", over, aiostage.load(path), stalls)
+            del loaded
+            gc.collect()
     remove(path)
     bench.drop_limits("A")
     return stalls, {t.native_id: t.name for t in threading.enumerate() if t.native_id}
@@ -289,6 +309,11 @@ def main() -> int:
     ap.add_argument("--over", type=float, default=5.0, help="stalls longer than this (ms)")
     ap.add_argument("--switch-ms", type=float, help="the GIL switch interval to run with (ms)")
     ap.add_argument("--perf", action="store_true", help="explain each stall with perf")
+    ap.add_argument(
+        "--phases",
+        default="control,stage,save,warm,load",
+        help="which to run, comma-separated: control, stage, save, warm, persist, load",
+    )
     args = ap.parse_args()
     if args.switch_ms is not None:
         sys.setswitchinterval(args.switch_ms / 1e3)
