@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from aiostage import DefaultStager, PersistError, persist
+from aiostage import DefaultStager, PersistError, load, persist
 from aiostage._gc import gc_paused
 from aiostage._persist import _archive, _writer
 
@@ -36,12 +36,58 @@ def test_pause_nests_and_restores() -> None:
     assert gc.isenabled()
 
 
+def _ids(generation: int) -> set[int]:
+    return {id(o) for o in gc.get_objects(generation)}
+
+
 @pytest.mark.usefixtures("collector_on")
 def test_a_collector_disabled_by_the_caller_stays_disabled() -> None:
     gc.disable()
     with gc_paused():
-        pass
+        made = [[] for _ in range(100)]
     assert not gc.isenabled()
+    assert id(made[0]) in _ids(0)  # and nothing was moved: the caller runs the collector
+
+
+@pytest.mark.usefixtures("collector_on")
+def test_what_outlives_a_pause_skips_the_young_generations() -> None:
+    """The first young collection after a load of 20,000 tensors scanned
+    every one (7-10 ms on the loop; 19-41 ms after a first stage of as
+    many): what outlives the pause goes to the oldest generation unscanned."""
+    with gc_paused():
+        with gc_paused():
+            made = [[] for _ in range(1000)]
+        assert id(made[0]) in _ids(0)  # (an inner pause's end moves nothing)
+    ids = {id(x) for x in made}
+    assert not ids & (_ids(0) | _ids(1))
+    assert ids <= _ids(2)
+
+
+@pytest.mark.usefixtures("collector_on")
+def test_objects_the_process_froze_stay_frozen() -> None:
+    """An unfreeze would thaw what the process froze itself (a pre-fork
+    server's objects, say): then nothing is moved."""
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        assert frozen > 0
+        with gc_paused():
+            made = [[] for _ in range(100)]
+        assert gc.get_freeze_count() == frozen
+        assert id(made[0]) in _ids(0)
+    finally:
+        gc.unfreeze()
+
+
+@pytest.mark.usefixtures("collector_on")
+async def test_a_loads_tensors_are_not_left_to_a_young_collection(tmp_path: Path) -> None:
+    state = {f"t{i}": torch.full((2,), float(i)) for i in range(2000)}
+    await persist(state, tmp_path / "a.pt")
+    loaded = await load(tmp_path / "a.pt")
+    young = _ids(0) | _ids(1)
+    assert id(loaded) not in young
+    assert not {id(t) for t in loaded.values()} & young
+    assert torch.equal(loaded["t1999"], state["t1999"])
 
 
 @pytest.mark.usefixtures("collector_on")
