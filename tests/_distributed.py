@@ -165,14 +165,15 @@ def run_group(
     got: dict[int, tuple[bool, Any]] = {}
     failures: list[str] = []
 
-    def drain(wait: float) -> None:
+    def drain(wait: float) -> bool:
         try:
             rank, ok, payload = results.get(timeout=wait) if wait > 0 else results.get_nowait()
         except queue.Empty:
-            return
+            return False
         got[rank] = (ok, payload)
         if not ok:
             failures.append(f"rank {rank} raised:\n{payload}")
+        return True
 
     try:
         # Results are drained while waiting (so no worker blocks on a full
@@ -184,7 +185,8 @@ def run_group(
             drain(min(left, 0.5))
             silent = [r for r, p in enumerate(procs) if p.exitcode is not None and r not in got]
             if silent:
-                drain(0)  # a result written just before exiting
+                while drain(0):  # results written just before exiting, one per rank
+                    pass
                 if any(procs[r].exitcode is not None and r not in got for r in silent):
                     break
         if not failures and len(got) == world_size:
