@@ -40,10 +40,13 @@ object to the oldest generation, without scanning any (two list splices):
 those collections do not happen (in probes of 6 calls each, none over 1
 ms, against the figures above).  Garbage cycles that other code made just
 before or during the pause are then found by the next full collection
-rather than the next young one.  This is skipped when the process has
-frozen objects of its own (``gc.get_freeze_count()``: a pre-fork server's,
-say), which an unfreeze would thaw, and on interpreters without a GIL,
-where a freeze walks the whole heap.
+rather than the next young one.  This is skipped on interpreters without
+a GIL, where a freeze walks the whole heap, and, for the rest of the
+process, from the first pause that ends while the process has frozen
+objects of its own (``gc.freeze()`` after set-up, or a pre-fork server's):
+an unfreeze would thaw them, and counting them (``gc.get_freeze_count()``
+walks them all) on every call would cost the loop more than the young
+collection it saves.
 """
 
 from __future__ import annotations
@@ -64,12 +67,14 @@ every object on the heap)."""
 _lock = threading.Lock()
 _depth = 0
 _we_disabled = False
+_process_froze = False
+"""Set for good once a pause ends while the process has frozen objects."""
 
 
 @contextlib.contextmanager
 def gc_paused() -> Iterator[None]:
     """Disable the cyclic garbage collector for the ``with`` block."""
-    global _depth, _we_disabled
+    global _depth, _we_disabled, _process_froze
     with _lock:
         if _depth == 0:
             _we_disabled = gc.isenabled()
@@ -82,8 +87,11 @@ def gc_paused() -> Iterator[None]:
             _depth -= 1
             if _depth == 0 and _we_disabled:
                 _we_disabled = False
-                if _CAN_PROMOTE and gc.get_freeze_count() == 0:
-                    # To the oldest generation, unscanned (see above).
-                    gc.freeze()
-                    gc.unfreeze()
+                if _CAN_PROMOTE and not _process_froze:
+                    if gc.get_freeze_count() == 0:  # (instant when none is frozen)
+                        # To the oldest generation, unscanned (see above).
+                        gc.freeze()
+                        gc.unfreeze()
+                    else:
+                        _process_froze = True
                 gc.enable()

@@ -12,9 +12,16 @@ from typing import Any
 import pytest
 import torch
 
-from aiostage import DefaultStager, PersistError, load, persist
+from aiostage import DefaultStager, PersistError, _gc, load, persist
 from aiostage._gc import gc_paused
 from aiostage._persist import _archive, _writer
+
+
+@pytest.fixture(autouse=True)
+def nothing_frozen_seen(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests elsewhere freeze the heap for a while, which turns the move to
+    the oldest generation off for the rest of the process."""
+    monkeypatch.setattr(_gc, "_process_froze", False)
 
 
 @pytest.fixture
@@ -64,9 +71,10 @@ def test_what_outlives_a_pause_skips_the_young_generations() -> None:
 
 
 @pytest.mark.usefixtures("collector_on")
-def test_objects_the_process_froze_stay_frozen() -> None:
+def test_objects_the_process_froze_stay_frozen(monkeypatch: pytest.MonkeyPatch) -> None:
     """An unfreeze would thaw what the process froze itself (a pre-fork
-    server's objects, say): then nothing is moved."""
+    server's objects, say): then nothing is moved, and, since counting
+    frozen objects walks them all, they are not counted again."""
     gc.freeze()
     try:
         frozen = gc.get_freeze_count()
@@ -77,6 +85,12 @@ def test_objects_the_process_froze_stay_frozen() -> None:
         assert id(made[0]) in _ids(0)
     finally:
         gc.unfreeze()
+    counted: list[int] = []
+    monkeypatch.setattr(_gc.gc, "get_freeze_count", lambda: counted.append(1) or 0)
+    with gc_paused():
+        later = [[] for _ in range(100)]
+    assert counted == []
+    assert id(later[0]) in _ids(0)
 
 
 @pytest.mark.usefixtures("collector_on")
