@@ -175,6 +175,19 @@ def test_free_in_blocks_empties_the_list_in_place_with_turns_between_blocks(
     assert alive_at_turn == [85, 75, 65, 55, 45, 35, 25, 15, 5, 0]
 
 
+def test_free_all_in_blocks_empties_dicts_and_lists_in_place(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_threads, "FREE_BLOCK", 10)
+    turns: list[int] = []
+    monkeypatch.setattr(_threads.GilTurns, "__call__", lambda self: turns.append(1))
+    d = {i: object() for i in range(25)}
+    items: list[Any] = [object() for _ in range(25)]
+    _threads.free_all_in_blocks(d, items)
+    assert d == {} and items == []
+    assert len(turns) == 6  # three blocks each
+
+
 def _own_niceness() -> int:
     return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
 

@@ -49,7 +49,14 @@ from aiostage._load._zipdir import CentralEntry, ZipDirectoryError, read_directo
 from aiostage._persist._archive import DIRECT_ALIGN
 from aiostage._persist._writer import use_direct_io
 from aiostage._progress import Progress, check_progress
-from aiostage._threads import GilTurns, run_all, run_sync, run_sync_stoppable
+from aiostage._threads import (
+    GilTurns,
+    free_all_in_blocks,
+    free_in_blocks,
+    run_all,
+    run_sync,
+    run_sync_stoppable,
+)
 
 __all__ = ["VERIFY_CHUNK_BYTES", "load", "verify_records"]
 
@@ -374,8 +381,9 @@ def _open_archive(path: str) -> list[_Entry]:
             infos = read_directory(f.fileno(), st.st_size)
             entries = []
             for at in range(0, len(infos), _CHECK_GROUP):
-                group = infos[at : at + _CHECK_GROUP]
-                entries += headers.check([_entry(path, info, st.st_size) for info in group])
+                checks = [_entry(path, info, st.st_size) for info in infos[at : at + _CHECK_GROUP]]
+                entries += headers.check(checks)
+            free_in_blocks(infos)  # (an object per record: see free_in_blocks)
     except CorruptCheckpointError:
         raise
     except _ZIP_ERRORS as exc:
@@ -662,6 +670,7 @@ async def _read_state(
     into: Any,
     mmap: bool = False,
     direct_io: bool = False,
+    garbage: list[Any] | None = None,
 ) -> Any:
     """Load onto the CPU: every storage record read in parallel while the
     pickle is unpickled onto their (fresh) storages, or unpickled first and
@@ -670,6 +679,10 @@ async def _read_state(
 
     ``direct_io``: read large records that are not in the page cache with
     ``O_DIRECT`` (see ``_records``).
+
+    ``garbage``: where a load that succeeds leaves its lists and dicts of an
+    object or more per record, for the caller to free off the loop (see
+    :func:`aiostage._threads.free_all_in_blocks`).
 
     Raises:
         Unsupported: the archive needs ``torch.load`` (see ``_records``).
@@ -714,7 +727,10 @@ async def _read_state(
                 at = records[key].data_offset
                 return cast(torch.UntypedStorage, whole[at : at + nbytes])
 
-            return await run_sync(_records.unpickle, path, pickled, slice_for, allow)
+            state = await run_sync(_records.unpickle, path, pickled, slice_for, allow)
+            if garbage is not None:
+                garbage += (by_name, records, sizes)
+            return state
         if into is None:
             storages, batches = await run_sync(_records.plan_reads, entries, prefix)
 
@@ -732,6 +748,8 @@ async def _read_state(
                 loaded.append(await run_sync(_records.unpickle, path, pickled, storage_for, allow))
 
             await run_all([functools.partial(read, batches), unpickle])
+            if garbage is not None:
+                garbage += (by_name, records, sizes, storages, batches)
             return loaded[0]
 
         keys: dict[int, str] = {}
@@ -765,6 +783,8 @@ async def _read_state(
         placement, scratch, batches = planned[0]
         await read(batches)
         await run_sync(_into.copy_rest, placement.copies, scratch)
+        if garbage is not None:
+            garbage += (by_name, records, sizes, keys, metas, scratch, batches)
         return placement.result
     finally:
         direct.close()
@@ -956,7 +976,10 @@ async def load(
         if not with_torch:
             assert entries is not None
             try:
-                result = await _read_state(fspath, entries, allowed, into, mmap, direct)
+                garbage: list[Any] = [entries]
+                result = await _read_state(fspath, entries, allowed, into, mmap, direct, garbage)
+                # An object or more per record in each: freed off the loop.
+                await run_sync(free_all_in_blocks, *garbage)
             except _records.Unsupported:  # big-endian, or an odd layout: torch.load copes
                 if into is not None:
                     raise CheckpointLoadError(
