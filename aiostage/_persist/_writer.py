@@ -70,7 +70,7 @@ from aiostage._gc import gc_paused
 from aiostage._memory import release_free_memory
 from aiostage._persist import _archive, _atomic
 from aiostage._progress import Progress, check_progress
-from aiostage._threads import BackgroundPool, GilTurns, free_in_blocks, run_background
+from aiostage._threads import BackgroundPool, GilTurns, free_all_in_blocks, run_background
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
@@ -126,16 +126,6 @@ class _Piece:
     inline: bool = False
     """The whole of a small record: checksummed and written with its local
     header by the writer (see :data:`INLINE_MAX_BYTES`), not by the CRC thread."""
-
-
-def _free_pieces(batches: list[list[_Piece]], storages: list[_archive.StorageRecord]) -> None:
-    """Empty the write's batches and its list of storage records a block at
-    a time (see :func:`aiostage._threads.free_in_blocks`), in place."""
-    turn = GilTurns()
-    for batch in batches:
-        free_in_blocks(batch, turn)
-    batches.clear()
-    free_in_blocks(storages, turn)
 
 
 def storage_view(storage: torch.UntypedStorage) -> memoryview:
@@ -640,7 +630,7 @@ async def persist(
         await run_background(_atomic.fsync_dir, target.parent)
         temp.release()
         # Free the write's object per storage and per piece off the loop.
-        await run_background(_free_pieces, batches, plan.storages)
+        await run_background(free_all_in_blocks, *batches, batches, plan.storages)
         # Hand back the heap memory this save freed (see aiostage._memory).
         await run_background(release_free_memory)
     except BaseException as exc:

@@ -179,14 +179,15 @@ async def test_the_writes_records_are_freed_off_the_event_loop(
     freed when persist() returned held the loop 6-11 ms.  A worker thread
     empties those lists before it returns."""
     freed: list[tuple[bool, int]] = []
-    real = _writer.free_in_blocks
+    real = _writer.free_all_in_blocks
 
-    def spy(items: list[Any], turn: Any = None) -> None:
-        count = len(items)
-        real(items, turn)
+    def spy(*containers: Any) -> None:
+        count = sum(len(c) for c in containers)
+        real(*containers)
+        assert all(len(c) == 0 for c in containers)
         freed.append((threading.current_thread() is threading.main_thread(), count))
 
-    monkeypatch.setattr(_writer, "free_in_blocks", spy)
+    monkeypatch.setattr(_writer, "free_all_in_blocks", spy)
     state = {f"t{i}": torch.full((4,), float(i)) for i in range(50)}
     state["big"] = torch.zeros(3 * MiB // 4)
     await persist(state, tmp_path / "ck.pt")
