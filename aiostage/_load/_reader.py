@@ -668,9 +668,9 @@ async def _read_state(
     entries: Sequence[_Entry],
     safe_globals: Sequence[SafeGlobal],
     into: Any,
-    mmap: bool = False,
-    direct_io: bool = False,
-    garbage: list[Any] | None = None,
+    mmap: bool,
+    direct_io: bool,
+    garbage: list[Any],
 ) -> Any:
     """Load onto the CPU: every storage record read in parallel while the
     pickle is unpickled onto their (fresh) storages, or unpickled first and
@@ -728,8 +728,7 @@ async def _read_state(
                 return cast(torch.UntypedStorage, whole[at : at + nbytes])
 
             state = await run_sync(_records.unpickle, path, pickled, slice_for, allow)
-            if garbage is not None:
-                garbage += (by_name, records, sizes)
+            garbage += (by_name, records, sizes)
             return state
         if into is None:
             storages, batches = await run_sync(_records.plan_reads, entries, prefix)
@@ -748,8 +747,7 @@ async def _read_state(
                 loaded.append(await run_sync(_records.unpickle, path, pickled, storage_for, allow))
 
             await run_all([functools.partial(read, batches), unpickle])
-            if garbage is not None:
-                garbage += (by_name, records, sizes, storages, batches)
+            garbage += (by_name, records, sizes, storages, batches)
             return loaded[0]
 
         keys: dict[int, str] = {}
@@ -783,8 +781,7 @@ async def _read_state(
         placement, scratch, batches = planned[0]
         await read(batches)
         await run_sync(_into.copy_rest, placement.copies, scratch)
-        if garbage is not None:
-            garbage += (by_name, records, sizes, keys, metas, scratch, batches)
+        garbage += (by_name, records, sizes, keys, metas, scratch, batches)
         return placement.result
     finally:
         direct.close()
