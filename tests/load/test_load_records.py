@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 from _compare import assert_same, write
+from _frees import watch_frees
 from _reads import count_thread_steps, small_read_batches
 from _states import mixed_state
 
@@ -343,16 +344,7 @@ async def test_a_loads_objects_per_record_are_freed_off_the_loop(
     count = 300
     sd = {f"t{i}": torch.full((4,), float(i)) for i in range(count)}
     path = await aiostage.persist(sd, tmp_path / "ckpt.pt")
-    freed: list[tuple[bool, int]] = []
-    real = _reader.free_all_in_blocks
-
-    def spy(*containers: Any) -> None:
-        sizes = sum(len(c) for c in containers)
-        real(*containers)
-        assert all(len(c) == 0 for c in containers)
-        freed.append((threading.current_thread() is threading.main_thread(), sizes))
-
-    monkeypatch.setattr(_reader, "free_all_in_blocks", spy)
+    freed = watch_frees(monkeypatch, _reader)
     if mode == "plain":
         loaded = await aiostage.load(path)
     elif mode == "mmap":

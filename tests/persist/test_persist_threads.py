@@ -13,6 +13,7 @@ from typing import Any
 import anyio
 import pytest
 import torch
+from _frees import watch_frees
 
 from aiostage._persist import _writer
 from aiostage._persist._writer import persist
@@ -178,16 +179,7 @@ async def test_the_writes_records_are_freed_off_the_event_loop(
     """A write holds an object per storage and per piece: 20,000 of them
     freed when persist() returned held the loop 6-11 ms.  A worker thread
     empties those lists before it returns."""
-    freed: list[tuple[bool, int]] = []
-    real = _writer.free_all_in_blocks
-
-    def spy(*containers: Any) -> None:
-        count = sum(len(c) for c in containers)
-        real(*containers)
-        assert all(len(c) == 0 for c in containers)
-        freed.append((threading.current_thread() is threading.main_thread(), count))
-
-    monkeypatch.setattr(_writer, "free_all_in_blocks", spy)
+    freed = watch_frees(monkeypatch, _writer)
     state = {f"t{i}": torch.full((4,), float(i)) for i in range(50)}
     state["big"] = torch.zeros(3 * MiB // 4)
     await persist(state, tmp_path / "ck.pt")
