@@ -121,6 +121,12 @@ class _Matcher:
                 f"into's tensor must be a dense CPU tensor (it is {into.layout} on {into.device})",
                 where,
             )
+        if any(n > 1 and s == 0 for n, s in zip(into.shape, into.stride(), strict=True)):
+            raise self.fail(
+                f"into's tensor has elements that share memory (strides {into.stride()}, "
+                "an expand()ed tensor?): it cannot receive the checkpoint's values",
+                where,
+            )
         self.pairs.append((loaded, into))
         return into
 
@@ -136,7 +142,11 @@ class _Matcher:
             if key not in loaded and _holds_tensor(value):
                 raise self.fail("into has a tensor here that the checkpoint lacks", (where, key))
         out = {k: self.walk(v, into.get(k, _ABSENT), (where, k)) for k, v in loaded.items()}
-        return OrderedDict(out) if isinstance(loaded, OrderedDict) else out
+        if not isinstance(loaded, OrderedDict):
+            return out
+        ordered = OrderedDict(out)
+        ordered.__dict__.update(vars(loaded))  # (a state_dict()'s _metadata)
+        return ordered
 
     def sequence(self, loaded: Sequence[Any], into: Any, where: Path) -> Any:
         if into is _ABSENT and not _holds_tensor(loaded):

@@ -154,6 +154,27 @@ async def test_into_a_model_restores_it(tmp_path: Path) -> None:
     assert torch.equal(fresh(x), trained(x))
 
 
+async def test_a_state_dicts_metadata_is_kept(tmp_path: Path) -> None:
+    """A ``state_dict()`` is an OrderedDict with a ``_metadata`` attribute
+    (versions, read by ``load_state_dict``): the result has it, as a plain
+    load's has."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    path = await aiostage.persist(model.state_dict(), tmp_path / "ckpt.pt")
+    got = await aiostage.load(path, into=model.state_dict())
+    assert got._metadata == model.state_dict()._metadata
+    assert got._metadata["1"]["version"] == 2  # (BatchNorm's)
+
+
+async def test_an_expanded_destination_is_a_mismatch(tmp_path: Path) -> None:
+    """Elements that share memory cannot each receive a value: refused up
+    front, naming the key, instead of a RuntimeError from the copy."""
+    path = await aiostage.persist({"e": torch.arange(5.0)}, tmp_path / "ckpt.pt")
+    into = {"e": torch.zeros(1).expand(5)}
+    with pytest.raises(StateMismatchError, match="share memory") as info:
+        await aiostage.load(path, into=into)
+    assert info.value.key == "e"
+
+
 async def test_non_contiguous_destination_is_copied(tmp_path: Path) -> None:
     w = torch.randn(6, 4)
     path = await aiostage.persist({"w": w}, tmp_path / "ckpt.pt")
