@@ -46,6 +46,7 @@ from aiostage._exceptions import (
 from aiostage._gc import gc_paused
 from aiostage._load import _into, _records
 from aiostage._load._zipdir import CentralEntry, ZipDirectoryError, read_directory, widen
+from aiostage._persist import _index
 from aiostage._persist._archive import DIRECT_ALIGN
 from aiostage._persist._writer import use_direct_io
 from aiostage._progress import Progress, check_progress
@@ -220,6 +221,9 @@ _Want = tuple[int, int]
 
 _PREFETCH_MERGE = 64 * 1024
 """Header reads at most this far apart are prefetched as one range."""
+
+_MAX_INDEX_BYTES = 1 << 30
+"""A state index larger than this is not read (the pickle is used)."""
 
 _CHECK_GROUP = 4096
 """Records checked in step at a time (each check in flight holds a
@@ -716,7 +720,22 @@ async def _read_state(
 
     try:
         await run_sync(_records.check_byteorder, path, fd, by_name, prefix)
-        pickled = await run_sync(_records.read_record, path, fd, by_name[prefix + "data.pkl"])
+        pickle_entry = by_name[prefix + "data.pkl"]
+        index_entry = by_name.get(prefix + _index.INDEX_NAME)
+        index = None
+        if index_entry is not None and index_entry.size <= _MAX_INDEX_BYTES:
+            index = await run_sync(_records.read_record, path, fd, index_entry)
+
+        def rebuild(storage_for: Callable[[str, int], torch.UntypedStorage]) -> Any:
+            # (blocking; for a worker thread) The index where it holds
+            # together, else the pickle: data.pkl is the authority, and
+            # storage_for may be asked for a key twice.
+            if index is not None:
+                with contextlib.suppress(_index.BadIndex):
+                    return _index.decode(index, pickle_entry.crc, sizes, storage_for)
+            pickled = _records.read_record(path, fd, pickle_entry)
+            return _records.unpickle(path, pickled, storage_for, allow)
+
         if mmap:
             # One private (copy-on-write) mapping of the whole file, as
             # torch.load(mmap=True) makes; each storage is a slice of it.
@@ -727,7 +746,7 @@ async def _read_state(
                 at = records[key].data_offset
                 return cast(torch.UntypedStorage, whole[at : at + nbytes])
 
-            state = await run_sync(_records.unpickle, path, pickled, slice_for, allow)
+            state = await run_sync(rebuild, slice_for)
             garbage += (by_name, records, sizes)
             return state
         if into is None:
@@ -744,7 +763,7 @@ async def _read_state(
                 # the readers fill meanwhile; nothing is returned before both
                 # are done.  (A state of 20,000 small tensors: 1.2 s of
                 # unpickling, 0.2 s of reads.)
-                loaded.append(await run_sync(_records.unpickle, path, pickled, storage_for, allow))
+                loaded.append(await run_sync(rebuild, storage_for))
 
             await run_all([functools.partial(read, batches), unpickle])
             garbage += (by_name, records, sizes, storages, batches)
@@ -762,7 +781,7 @@ async def _read_state(
         planned: list[tuple[_into.Placement, dict[str, torch.UntypedStorage], Any]] = []
 
         def plan_into() -> None:  # (one thread hop for the three steps)
-            loaded = _records.unpickle(path, pickled, meta_for, allow)
+            loaded = rebuild(meta_for)
             placement = _into.place(path, loaded, into, keys, sizes)
             scratch, batches = _records.plan_reads(entries, prefix, targets=placement.targets)
             planned.append((placement, scratch, batches))

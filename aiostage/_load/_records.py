@@ -115,6 +115,9 @@ class RecordEntry(Protocol):
     @property
     def size(self) -> int: ...
 
+    @property
+    def crc(self) -> int: ...
+
 
 @dataclass(frozen=True)
 class ReadBatch:

@@ -7,6 +7,8 @@ that ``torch.load`` expects under one top folder::
     <top>/.format_version          b"1"
     <top>/.storage_alignment       b"64"
     <top>/byteorder                b"little" / b"big"
+    <top>/.aiostage/index          the state without pickle, where it can say
+                                   (aiostage's own; torch.load ignores it)
     <top>/data/<key>               raw bytes of one storage, for every storage
     <top>/version                  b"3\\n"
     <top>/.data/serialization_id   40 decimal digits, random per file
@@ -48,7 +50,8 @@ from typing import Any
 
 import torch
 
-from aiostage._threads import GilTurns, free_in_blocks
+from aiostage._persist import _index
+from aiostage._threads import GilTurns, free_all_in_blocks, free_in_blocks
 
 ALIGNMENT = 64
 """Data alignment of every record, as ``torch.save`` writes it."""
@@ -289,7 +292,14 @@ class _StatePickler(pickle.Pickler):
         self.made: list[tuple[Any, ...]] = []
         """The reductions made here, kept alive past the pickle's memo (see
         :func:`pickle_state`)."""
+        self.plain: dict[int, tuple[Any, ...]] = {}
+        """Each plain tensor's reduction arguments, by ``id``: what the
+        state index says of it (see :mod:`aiostage._persist._index`)."""
         self._plain = _torch_reduces_alike()
+
+    def storage_keys(self) -> dict[int, str]:
+        """Each storage's record key, by its ``_cdata``."""
+        return self._keys
 
     def reducer_override(self, obj: Any) -> Any:
         # Called for every object but the builtin types' (6 a tensor).
@@ -297,6 +307,7 @@ class _StatePickler(pickle.Pickler):
             reduced = _plain_reduction(obj)
             if reduced is not None:
                 self.made.append(reduced)
+                self.plain[id(obj)] = reduced[1]
                 return reduced
         return NotImplemented
 
@@ -346,8 +357,10 @@ class _StatePickler(pickle.Pickler):
         return ("storage", storage_type, key, "cpu", numel)
 
 
-def pickle_state(obj: object) -> tuple[bytes, list[StorageRecord]]:
-    """Pickle ``obj``; return the pickle and its storages, in key order.
+def pickle_state(obj: object) -> tuple[bytes, list[StorageRecord], bytes | None]:
+    """Pickle ``obj``; return the pickle, its storages in key order, and
+    the state index (``None`` where the state is not made of the plain
+    types the index describes; see :mod:`aiostage._persist._index`).
 
     Reads only metadata, never a storage's bytes, so it may run while the
     storages are still being filled.  For a worker thread: it hands the GIL
@@ -356,13 +369,16 @@ def pickle_state(obj: object) -> tuple[bytes, list[StorageRecord]]:
     buf = io.BytesIO()
     pickler = _StatePickler(buf)
     pickler.dump(obj)
+    pickled = buf.getvalue()
+    index = _index.encode(obj, pickler.plain, pickler.storage_keys(), pickled)
     # The memo holds every object the pickle was made of; clearing it freed
     # the reductions made for the pickle (a tuple, the sizes, the strides,
     # an OrderedDict: 20,000 tensors, 16-17 ms) in one call, holding the
     # GIL.  They are kept past it (4 ms) and freed a block at a time.
     pickler.clear_memo()
     free_in_blocks(pickler.made, pickler._turn)
-    return buf.getvalue(), pickler.records
+    free_all_in_blocks(pickler.plain)
+    return pickled, pickler.records, index
 
 
 class _Discard:
@@ -555,6 +571,7 @@ def _needs_zip64(offset: int, size: int, force: bool) -> bool:
 def plan_archive(
     pickled: bytes,
     storages: Sequence[StorageRecord],
+    index: bytes | None = None,
     *,
     top: str = "archive",
     force_zip64: bool = False,
@@ -562,9 +579,11 @@ def plan_archive(
 ) -> ArchivePlan:
     """Lay out every record of the archive; fill in offsets and the head bytes.
 
-    With ``direct_min``, each storage of at least that many bytes whose memory
-    is :data:`ALIGNMENT`-aligned is placed for ``O_DIRECT`` writes
-    (``StorageRecord.direct``); it must not move before it is written.
+    ``index``, when given, is written as ``<top>/.aiostage/index`` (see
+    :mod:`aiostage._persist._index`).  With ``direct_min``, each storage of
+    at least that many bytes whose memory is :data:`ALIGNMENT`-aligned is
+    placed for ``O_DIRECT`` writes (``StorageRecord.direct``); it must not
+    move before it is written.
     """
     serialization_id = "".join(str(secrets.randbelow(10)) for _ in range(40))
     head_records = [
@@ -573,6 +592,8 @@ def plan_archive(
         Record(f"{top}/.storage_alignment", str(ALIGNMENT).encode()),
         Record(f"{top}/byteorder", sys.byteorder.encode()),
     ]
+    if index is not None:
+        head_records.append(Record(f"{top}/{_index.INDEX_NAME}", index))
     tail_records = [
         Record(f"{top}/version", b"3\n"),
         Record(f"{top}/.data/serialization_id", serialization_id.encode()),

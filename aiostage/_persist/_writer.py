@@ -370,12 +370,13 @@ def _wait_all(futures: list[concurrent.futures.Future[None]]) -> None:
 
 def _prepare(obj: object, force_zip64: bool, direct: bool) -> _archive.ArchivePlan:
     try:
-        pickled, storages = _archive.pickle_state(obj)
+        pickled, storages, index = _archive.pickle_state(obj)
     except Exception as exc:
         raise _archive.StatePickleError(exc, _archive.locate_failure(obj)) from exc
     return _archive.plan_archive(
         pickled,
         storages,
+        index,
         force_zip64=force_zip64,
         direct_min=DIRECT_MIN_BYTES if direct else None,
     )

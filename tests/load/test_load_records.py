@@ -23,7 +23,7 @@ from _states import mixed_state
 import aiostage
 from aiostage import CheckpointLoadError, CorruptCheckpointError
 from aiostage._load import _reader, _records
-from aiostage._persist import _archive
+from aiostage._persist import _archive, _index
 
 
 @pytest.mark.parametrize("writer", ["aiostage", "torch.save"])
@@ -243,16 +243,28 @@ async def test_mmap_load_slices_one_mapping_of_the_file(
     assert ptr_gap in {offsets[x] - offsets[y] for x in records for y in records if x != y}
 
 
-async def test_the_pickle_is_unpickled_while_the_records_are_read(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def rebuilt_by(monkeypatch: pytest.MonkeyPatch, rebuild: str) -> tuple[Any, str]:
+    """Where the state will be rebuilt from, as (module, function name): the
+    state index, or (writes from now on get no index) the pickle."""
+    if rebuild == "index":
+        return _index, "decode"
+    monkeypatch.setattr(_index, "encode", lambda *args: None)
+    return _records, "unpickle"
+
+
+@pytest.mark.parametrize("rebuild", ["index", "pickle"])
+async def test_the_state_is_rebuilt_while_the_records_are_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rebuild: str
 ) -> None:
-    """A read waits for the unpickler to have begun: were the two steps in
-    sequence (reads first), the read would time out and the load fail."""
+    """A read waits for the rebuilding (unpickling, or decoding the state
+    index) to have begun: were the two steps in sequence (reads first), the
+    read would time out and the load fail."""
+    module, name = rebuilt_by(monkeypatch, rebuild)
     sd = {f"t{i}": torch.full((64,), float(i)) for i in range(50)}
     path = await aiostage.persist(sd, tmp_path / "ckpt.pt")
     unpickling = threading.Event()
     overlapped: list[bool] = []
-    real_read, real_unpickle = _records.read_batch, _records.unpickle
+    real_read, real_unpickle = _records.read_batch, getattr(module, name)
 
     def read_batch(*args: Any) -> None:
         overlapped.append(unpickling.wait(timeout=10))
@@ -263,15 +275,17 @@ async def test_the_pickle_is_unpickled_while_the_records_are_read(
         return real_unpickle(*args)
 
     monkeypatch.setattr(_records, "read_batch", read_batch)
-    monkeypatch.setattr(_records, "unpickle", unpickle)
+    monkeypatch.setattr(module, name, unpickle)
     loaded = await aiostage.load(path)
     assert overlapped and all(overlapped)
     assert_same(loaded, sd)
 
 
-async def test_an_unpickling_error_stops_the_reads_and_is_raised(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("rebuild", ["index", "pickle"])
+async def test_an_error_rebuilding_the_state_stops_the_reads_and_is_raised(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rebuild: str
 ) -> None:
+    module, name = rebuilt_by(monkeypatch, rebuild)
     path = await aiostage.persist({"w": torch.randn(1_000_000)}, tmp_path / "ckpt.pt")
     small_read_batches(monkeypatch, 64 * 1024)
     failed = threading.Event()
@@ -287,7 +301,7 @@ async def test_an_unpickling_error_stops_the_reads_and_is_raised(
         raise CorruptCheckpointError("simulated bad pickle", path=str(path))
 
     monkeypatch.setattr(_records, "read_batch", read_batch)
-    monkeypatch.setattr(_records, "unpickle", unpickle)
+    monkeypatch.setattr(module, name, unpickle)
     with pytest.raises(CorruptCheckpointError, match="simulated bad pickle"):
         await aiostage.load(path)
     # Reads stop soon after the failure: at most the batches then in flight.
@@ -295,19 +309,22 @@ async def test_an_unpickling_error_stops_the_reads_and_is_raised(
     assert len(batches_after) < 62
 
 
+@pytest.mark.parametrize("rebuild", ["index", "pickle"])
 @pytest.mark.parametrize("mode", ["plain", "into", "mmap"])
-async def test_a_load_indexes_off_the_loop_and_unpickles_with_the_collector_paused(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+async def test_a_load_indexes_off_the_loop_and_rebuilds_with_the_collector_paused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str, rebuild: str
 ) -> None:
     """Unpickling tens of thousands of tensors made three full collections
-    of about 0.1 s each on the loop's thread, one load; paused, none.
-    Indexing the archive's records by name and key took 9-10 ms for 20,000
-    records in one step of the loop; it runs in a worker thread."""
+    of about 0.1 s each on the loop's thread, one load; paused, none (and
+    the same for decoding the state index).  Indexing the archive's records
+    by name and key took 9-10 ms for 20,000 records in one step of the
+    loop; it runs in a worker thread."""
+    module, name = rebuilt_by(monkeypatch, rebuild)
     sd = {f"t{i}": torch.full((4,), float(i)) for i in range(10)}
     path = await aiostage.persist(sd, tmp_path / "ckpt.pt")
     enabled: list[bool] = []
     threads: list[int] = []
-    real_unpickle, real_index = _records.unpickle, _records.index_entries
+    real_unpickle, real_index = getattr(module, name), _records.index_entries
 
     def unpickle(*args: Any) -> Any:
         enabled.append(gc.isenabled())
@@ -317,7 +334,7 @@ async def test_a_load_indexes_off_the_loop_and_unpickles_with_the_collector_paus
         threads.append(threading.get_ident())
         return real_index(*args)
 
-    monkeypatch.setattr(_records, "unpickle", unpickle)
+    monkeypatch.setattr(module, name, unpickle)
     monkeypatch.setattr(_records, "index_entries", index_entries)
     assert gc.isenabled()
     if mode == "plain":
@@ -365,7 +382,7 @@ def test_the_unpicklers_memo_and_storage_wrappers_are_freed_a_block_at_a_time(
     call for 20,000 tensors, at the end of the worker's step): it is
     emptied a block at a time, with the wrappers, before unpickle returns."""
     sd = {f"t{i}": torch.full((4,), float(i)) for i in range(500)}
-    pickled, records = _archive.pickle_state(sd)
+    pickled, records, _ = _archive.pickle_state(sd)
     storages = {r.key: r.storage for r in records}
     emptied: list[int] = []
     real = _records.free_all_in_blocks

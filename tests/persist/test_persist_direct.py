@@ -43,7 +43,7 @@ def assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> 
 
 def test_large_aligned_storages_are_placed_for_direct_writes() -> None:
     state = odd_state()
-    pickled, storages = _archive.pickle_state(state)
+    pickled, storages, _ = _archive.pickle_state(state)
     plan = _archive.plan_archive(pickled, storages, direct_min=DIRECT_MIN_BYTES)
     direct = {s.key for s in plan.storages if s.direct}
     assert direct == {s.key for s in plan.storages if s.nbytes >= DIRECT_MIN_BYTES}
@@ -62,7 +62,7 @@ def test_misaligned_memory_is_not_placed_for_direct_writes() -> None:
     skewed = torch.frombuffer(memoryview(buffer)[skew:], dtype=torch.uint8)
     assert skewed.untyped_storage().data_ptr() % 64 != 0
     aligned = torch.zeros(2 * MiB, dtype=torch.uint8)
-    pickled, storages = _archive.pickle_state({"skewed": skewed, "aligned": aligned})
+    pickled, storages, _ = _archive.pickle_state({"skewed": skewed, "aligned": aligned})
     plan = _archive.plan_archive(pickled, storages, direct_min=DIRECT_MIN_BYTES)
     assert [s.direct for s in plan.storages] == [False, True]
     assert all(s.data_offset % _archive.ALIGNMENT == 0 for s in plan.storages)
@@ -125,7 +125,7 @@ def test_refused_direct_write_falls_back_to_the_page_cache(tmp_path: Path) -> No
     O_DIRECT write (EINVAL: misaligned address); the bytes go through the
     page cache instead and the O_DIRECT descriptor is dropped."""
     tensor = torch.arange(3 * MiB, dtype=torch.uint8)
-    pickled, storages = _archive.pickle_state({"w": tensor})
+    pickled, storages, _ = _archive.pickle_state({"w": tensor})
     plan = _archive.plan_archive(pickled, storages, direct_min=DIRECT_MIN_BYTES)
     (rec,) = plan.storages
     assert rec.direct
@@ -165,8 +165,8 @@ async def test_with_direct_writes_the_writer_writes_the_local_headers(
     monkeypatch.setattr(_atomic, "write_all", write_all)
     path = tmp_path / "direct.pt"
     await persist(state, path, _chunk_bytes=MiB + 100)
-    pickled, storages = _archive.pickle_state(state)
-    plan = _archive.plan_archive(pickled, storages, direct_min=DIRECT_MIN_BYTES)
+    pickled, storages, index = _archive.pickle_state(state)
+    plan = _archive.plan_archive(pickled, storages, index, direct_min=DIRECT_MIN_BYTES)
     # Each header written once (a small record's with its bytes, in a run).
     for s in plan.storages:
         covering = [w for w in writes if w[1] <= s.header_offset < w[1] + w[2]]

@@ -50,7 +50,7 @@ def special_tensors() -> dict[str, Any]:
 @pytest.mark.parametrize("make", [mixed_state, special_tensors])
 def test_the_pickle_is_torchs_byte_for_byte(make: Any) -> None:
     state = make()
-    ours, records = _archive.pickle_state(state)
+    ours, records, _ = _archive.pickle_state(state)
     assert ours == torch_reduced(state)
     # and it is what torch.save itself writes into data.pkl
     buf = io.BytesIO()
@@ -131,6 +131,6 @@ def test_a_torch_that_reduces_otherwise_reduces_every_tensor(
     monkeypatch.setattr(_archive, "_torch_reduces_alike", lambda: False)
     monkeypatch.setattr(torch.Tensor, "__reduce_ex__", counting)
     state = {f"t{i}": torch.full((4,), float(i)) for i in range(20)}
-    ours, _ = _archive.pickle_state(state)
+    ours, _, _ = _archive.pickle_state(state)
     assert len(reduced) == 20
     assert ours == torch_reduced(state)
