@@ -286,7 +286,11 @@ async def test_no_progress_after_a_verify_is_cancelled(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A chunk that finishes after the cancellation reports no progress
-    (the small records before the large one report first, and cancel)."""
+    (the small records before the large one report first).  The first
+    chunk's read asks for the cancellation and waits until it is delivered.
+    (The cancellation came from the small records' progress call before:
+    a thread slow to reach the chunk then saw the stop first and read
+    nothing.)"""
     path = await aiostage.persist({"w": torch.randn(1_000_000)}, tmp_path / "ckpt.pt")
     monkeypatch.setattr(_reader, "VERIFY_CHUNK_BYTES", 64 * 1024)
     loop = asyncio.get_running_loop()
@@ -294,9 +298,14 @@ async def test_no_progress_after_a_verify_is_cancelled(
     reads = [0]
     real_read = _reader._read_exactly
 
+    def cancel() -> None:
+        task.cancel()
+        loop.call_soon(release.set)  # after the cancellation is delivered
+
     def gated(*args: Any) -> None:
         reads[0] += 1
         if reads[0] == 1:  # the first chunk of the record waits for the cancellation
+            loop.call_soon_threadsafe(cancel)
             release.wait(timeout=30)
         real_read(*args)
 
@@ -305,8 +314,6 @@ async def test_no_progress_after_a_verify_is_cancelled(
 
     def progress(done: int, total: int) -> None:
         calls.append(done)
-        task.cancel()
-        loop.call_soon(release.set)  # after the cancellation is delivered
 
     task = asyncio.create_task(aiostage.load(path, verify=True, progress=progress))
     with pytest.raises(asyncio.CancelledError):
