@@ -194,13 +194,15 @@ are never storages."""
 
 class _ViewedStorage:
     """A tensor's storage as the tensor's dtype sees it: what torch's own
-    reduction wraps in a ``TypedStorage``, for :meth:`_StatePickler.persistent_id`."""
+    reduction wraps in a ``TypedStorage``, for :meth:`_StatePickler.persistent_id`,
+    which sets ``key`` (the storage's record key, for the state index)."""
 
-    __slots__ = ("dtype", "storage")
+    __slots__ = ("dtype", "key", "storage")
 
     def __init__(self, storage: torch.UntypedStorage, dtype: torch.dtype) -> None:
         self.storage = storage
         self.dtype = dtype
+        self.key: str | None = None
 
 
 _V3_DTYPES = frozenset(torch.storage._new_dtypes())
@@ -297,10 +299,6 @@ class _StatePickler(pickle.Pickler):
         state index says of it (see :mod:`aiostage._persist._index`)."""
         self._plain = _torch_reduces_alike()
 
-    def storage_keys(self) -> dict[int, str]:
-        """Each storage's record key, by its ``_cdata``."""
-        return self._keys
-
     def reducer_override(self, obj: Any) -> Any:
         # Called for every object but the builtin types' (6 a tensor).
         if self._plain and type(obj) is torch.Tensor:
@@ -354,6 +352,8 @@ class _StatePickler(pickle.Pickler):
             key = str(len(self._keys))
             self._keys[ident] = key
             self.records.append(StorageRecord(key=key, storage=storage, nbytes=storage.nbytes()))
+        if cls is _ViewedStorage:
+            obj.key = key
         return ("storage", storage_type, key, "cpu", numel)
 
 
@@ -370,7 +370,7 @@ def pickle_state(obj: object) -> tuple[bytes, list[StorageRecord], bytes | None]
     pickler = _StatePickler(buf)
     pickler.dump(obj)
     pickled = buf.getvalue()
-    index = _index.encode(obj, pickler.plain, pickler.storage_keys(), pickled)
+    index = _index.encode(obj, pickler.plain, pickled)
     # The memo holds every object the pickle was made of; clearing it freed
     # the reductions made for the pickle (a tuple, the sizes, the strides,
     # an OrderedDict: 20,000 tensors, 16-17 ms) in one call, holding the

@@ -218,8 +218,8 @@ async def test_a_state_the_index_cannot_describe_gets_none_and_is_unpickled(
 def rewrite_index(monkeypatch: pytest.MonkeyPatch, change: Callable[[bytes], bytes]) -> None:
     real = _index.encode
 
-    def encode(obj: Any, plain: Any, keys: Any, pickled: bytes) -> bytes | None:
-        data = real(obj, plain, keys, pickled)
+    def encode(obj: Any, plain: Any, pickled: bytes) -> bytes | None:
+        data = real(obj, plain, pickled)
         assert data is not None
         return change(data)
 
