@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 import pytest
 import torch
 from _compare import ALL_DTYPES, assert_same
+from _frees import watch_frees
 
 import aiostage
 from aiostage import CorruptCheckpointError
@@ -359,7 +360,9 @@ def test_the_index_of_many_tensors_is_decoded_a_line_at_a_time_handing_the_gil_o
 ) -> None:
     """One ``json.loads`` of a whole index of 20,000 tensors would hold the
     GIL for milliseconds in one call: the ops come :data:`OPS_PER_LINE` a
-    line, and the decoder offers the GIL at each line and each tensor."""
+    line, and the decoder offers the GIL at each line, each tensor and each
+    key of a dict (the dict of a flat state is one op: building it held the
+    GIL 6-7 ms); it frees its storage table a block at a time."""
     state = {f"t{i}": torch.full((2,), float(i)) for i in range(3000)}
     data, crc, sizes = index_of(state)
     lines = data.split(b"\n")
@@ -367,9 +370,21 @@ def test_the_index_of_many_tensors_is_decoded_a_line_at_a_time_handing_the_gil_o
     assert len(lines) == 1 + -(-ops // _index.OPS_PER_LINE)
     turns: list[int] = []
     monkeypatch.setattr(_index.GilTurns, "__call__", lambda self: turns.append(1))
+    freed = watch_frees(monkeypatch, _index)
     got = _index.decode(data, crc, sizes, fresh)
-    assert len(turns) >= len(state) + len(lines) - 1
+    assert len(turns) >= 2 * len(state) + len(lines) - 1
     assert list(got) == list(state)
+    assert [held for _, held in freed] == [len(state)]  # the storage table
+
+
+def test_the_encoder_frees_its_ops_a_block_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tuple per tensor and an int: freed in one call when ``encode``
+    returned, those of 20,000 tensors held the GIL 5-7 ms."""
+    state = {f"t{i}": torch.full((2,), float(i)) for i in range(3000)}
+    freed = watch_frees(monkeypatch, _index)
+    _archive.pickle_state(state)
+    # the ops (a key and a tensor each, and the dict's) and the tensor table
+    assert [held for _, held in freed] == [2 * len(state) + 1 + len(state)]
 
 
 def test_each_storage_is_asked_for_once_and_views_share_it() -> None:
