@@ -966,8 +966,9 @@ async def load(
         cancellation re-raised.  Rebuilding the state (unpickling, or
         decoding the state index) and a ``torch.load`` step cannot be
         interrupted: the worker thread is waited for (never abandoned), its
-        result discarded, and then the cancellation is re-raised.  Nothing is left open (tensors of a discarded ``mmap``
-        load release the file when collected).  With ``into``, a load
+        result discarded, and then the cancellation is re-raised.  Nothing
+        is left open (tensors of a discarded ``mmap`` load release the file
+        when collected).  With ``into``, a load
         cancelled (or failing) while reading leaves ``into``'s tensors
         holding a mix of old and new values: load the checkpoint again.
     """
