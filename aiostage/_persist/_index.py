@@ -11,7 +11,7 @@ tensor.  It can describe nothing but
 
 - ``None``, ``bool``, ``int``, ``float`` and ``str`` (exactly those types);
 - ``dict``, ``collections.OrderedDict`` (with its attributes, such as a
-  ``state_dict()``'s ``_metadata``), ``list`` and ``tuple`` (exactly), each
+  ``state_dict()``'s ``_metadata``, none named ``__...``), ``list`` and ``tuple`` (exactly), each
   met once (an object met twice keeps its identity only in the pickle), with
   dict keys of the scalar types above;
 - plain CPU tensors: exactly ``torch.Tensor``, strided, not requiring grad,
@@ -125,6 +125,8 @@ class _Encoder:
                 return
             attrs = vars(obj)
             for name, item in attrs.items():
+                if name.startswith("__"):
+                    raise BadIndex(f"attribute {name!r}")
                 self.ops.append(name)
                 self.value(item, depth + 1)
             self.ops.append(["o", len(obj), len(attrs)])
@@ -296,8 +298,8 @@ def decode(
             attrs = _pop(stack, 2 * _int(op[2]))
             od = collections.OrderedDict(_pairs(_pop(stack, 2 * _int(op[1])), turn))
             for attr, value in _pairs(attrs, turn):
-                if type(attr) is not str:
-                    raise BadIndex("an attribute name that is not a str")
+                if type(attr) is not str or attr.startswith("__"):
+                    raise BadIndex(f"attribute name {attr!r}")
                 od.__dict__[attr] = value
             stack.append(od)
         else:

@@ -333,6 +333,7 @@ MALFORMED: dict[str, bytes] = {
     "op without name": with_ops([T, [], ["l", 2]]),
     "object op": with_ops([{"a": 1}]),
     "attribute not a str": with_ops([1, ["o", 0, 0], 2, 3, ["o", 0, 1]]),
+    "dunder attribute": with_ops(["__class__", 1, ["o", 0, 1]]),
     "count differs": with_ops([T], count=2),
     "two dtypes": with_ops([T, ["t", "0", "int32", 0, [4], [1]], ["l", 2]]),
     "not json": b'{"format": "aiostage-index"\n[',
