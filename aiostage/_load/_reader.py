@@ -876,9 +876,10 @@ async def load(
     and primitive types only, never run code.  A file :func:`persist` wrote
     for a state of containers, scalars and plain tensors is rebuilt from its
     state index instead (JSON, no code either; 7 us a tensor against 55 for
-    the unpickler), unless the index is missing, stale or malformed.  Other classes (a dataclass
-    in the state, say) must be allow-listed by passing them in
-    ``safe_globals``; otherwise :class:`UnsafeCheckpointError` is raised.
+    the unpickler), unless the index is missing, stale or malformed.  Other
+    classes (a dataclass in the state, say) must be allow-listed by passing
+    them in ``safe_globals``; otherwise :class:`UnsafeCheckpointError` is
+    raised.
     Runs on an asyncio event loop (plain asyncio or anyio's asyncio backend).
 
     Args:
@@ -968,9 +969,9 @@ async def load(
         interrupted: the worker thread is waited for (never abandoned), its
         result discarded, and then the cancellation is re-raised.  Nothing
         is left open (tensors of a discarded ``mmap`` load release the file
-        when collected).  With ``into``, a load
-        cancelled (or failing) while reading leaves ``into``'s tensors
-        holding a mix of old and new values: load the checkpoint again.
+        when collected).  With ``into``, a load cancelled (or failing) while
+        reading leaves ``into``'s tensors holding a mix of old and new
+        values: load the checkpoint again.
     """
     check_progress(progress)
     direct = use_direct_io(direct_io)

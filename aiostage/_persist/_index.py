@@ -349,4 +349,10 @@ def _tensor(
         storage = have[0]
         if have[1] != dtype and nbytes:
             raise BadIndex(f"record {key!r} viewed as two dtypes")
-    return torch.empty(0, dtype=dtype, device=storage.device).set_(storage, offset, shape, stride)
+    try:
+        return torch.empty(0, dtype=dtype, device=storage.device).set_(
+            storage, offset, shape, stride
+        )
+    except (RuntimeError, OverflowError, TypeError, ValueError) as exc:
+        # (sizes whose product overflows, or numbers past int64)
+        raise BadIndex(f"a tensor torch cannot view: {exc}") from exc

@@ -327,6 +327,8 @@ MALFORMED: dict[str, bytes] = {
     "bool size": with_ops([["t", "0", "float32", 0, [True], [1]]]),
     "sizes and strides differ": with_ops([["t", "0", "float32", 0, [4], [1, 1]]]),
     "reference ahead": with_ops([["r", 0]]),
+    "numel overflows": with_ops([["t", "0", "float32", 0, [2**40, 2**40], [0, 0]]]),
+    "size past int64": with_ops([["t", "0", "float32", 0, [2**64], [0]]]),
     "list key": with_ops([["l", 0], T, ["d", 1]]),
     "tensor key": with_ops([T, T, ["d", 1]]),
     "pops too many": with_ops([T, ["l", 2]]),
