@@ -3,7 +3,8 @@
 ``data.pkl`` can only be read back by an unpickler, and torch's
 ``weights_only`` one is pure Python: about 55 us a tensor here, so 1.1-1.4 s
 of a load of 20,000 small tensors, most of it on the critical path, and
-10-15 ms before a load ``into`` existing tensors can read its first byte.
+11 ms of the 14-16 before a load ``into`` existing tensors reads its first
+byte.
 Most states are made of a few plain types only, so beside ``data.pkl`` the
 writer puts ``<top>/.aiostage/index``, the same state as a program of a
 small stack machine in JSON, which :func:`decode` runs in microseconds a
@@ -11,9 +12,9 @@ tensor.  It can describe nothing but
 
 - ``None``, ``bool``, ``int``, ``float`` and ``str`` (exactly those types);
 - ``dict``, ``collections.OrderedDict`` (with its attributes, such as a
-  ``state_dict()``'s ``_metadata``, none named ``__...``), ``list`` and ``tuple`` (exactly), each
-  met once (an object met twice keeps its identity only in the pickle), with
-  dict keys of the scalar types above;
+  ``state_dict()``'s ``_metadata``, none named ``__...``), ``list`` and
+  ``tuple`` (exactly), each met once (an object met twice keeps its
+  identity only in the pickle), with dict keys of the scalar types above;
 - plain CPU tensors: exactly ``torch.Tensor``, strided, not requiring grad,
   with no Python attributes, of a dtype with a legacy storage class (the
   tensors :func:`aiostage._persist._archive._plain_reduction` reduces), a
@@ -36,7 +37,7 @@ is a JSON scalar (pushed as it is) or a list:
   storage record ``data/<key>`` as ``dtype`` (``"float32"``);
 - ``["r", i]``: push the ``i``-th tensor again;
 - ``["l", n]`` / ``["u", n]``: pop ``n`` values, push them as a list / tuple;
-- ``["d", n]``: pop ``n`` key, value pairs, push a dict;
+- ``["d", n]``: pop ``n`` key, value pairs, push a dict (keys: scalars);
 - ``["o", n, m]``: pop ``n`` key, value pairs and ``m`` attribute name,
   value pairs, push an ``OrderedDict``.
 
