@@ -141,6 +141,16 @@ def zeroed(state: Any) -> Any:
     return state
 
 
+async def load_as(path: Path, mode: str) -> Any:
+    """``aiostage.load`` of ``path``: ``plain``, ``mmap``, or ``into`` a
+    zeroed copy of the state (read by ``torch.load``)."""
+    if mode == "plain":
+        return await aiostage.load(path)
+    if mode == "mmap":
+        return await aiostage.load(path, mmap=True)
+    return await aiostage.load(path, into=zeroed(torch.load(path, weights_only=True)))
+
+
 NOT_INTO = {"scalar_root", "expanded"}
 """States ``into`` cannot take: no tensor, or one with elements sharing memory."""
 
@@ -157,13 +167,7 @@ async def test_a_state_loaded_from_its_index_is_the_one_torch_load_rebuilds(
     want = torch.load(path, weights_only=True)  # torch ignores the extra record
     assert_like_torch(torch.load(path, weights_only=True, mmap=True), want)
     unpickling_forbidden(monkeypatch)
-    if mode == "plain":
-        got = await aiostage.load(path)
-    elif mode == "mmap":
-        got = await aiostage.load(path, mmap=True)
-    else:
-        into = zeroed(torch.load(path, weights_only=True))
-        got = await aiostage.load(path, into=into)
+    got = await load_as(path, mode)
     assert_like_torch(got, want)
 
 
@@ -258,13 +262,7 @@ async def test_a_malformed_or_stale_index_is_passed_over_for_the_pickle(
     path = await aiostage.persist(state, tmp_path / "ckpt.pt")
     assert has_index(path)
     calls = count_unpickles(monkeypatch)
-    if mode == "plain":
-        got = await aiostage.load(path)
-    elif mode == "mmap":
-        got = await aiostage.load(path, mmap=True)
-    else:
-        into = zeroed(torch.load(path, weights_only=True))
-        got = await aiostage.load(path, into=into)
+    got = await load_as(path, mode)
     assert calls == [1]
     assert_same(got, state)
 
