@@ -51,7 +51,7 @@ from typing import Any
 import torch
 
 from aiostage._persist import _index
-from aiostage._threads import GilTurns, free_all_in_blocks, free_in_blocks
+from aiostage._threads import GilTurns, free_all_in_blocks
 
 ALIGNMENT = 64
 """Data alignment of every record, as ``torch.save`` writes it."""
@@ -291,12 +291,10 @@ class _StatePickler(pickle.Pickler):
         # objects).
         self._turn = GilTurns()
         self._others = 0
-        self.made: list[tuple[Any, ...]] = []
-        """The reductions made here, kept alive past the pickle's memo (see
-        :func:`pickle_state`)."""
         self.plain: dict[int, tuple[Any, ...]] = {}
         """Each plain tensor's reduction arguments, by ``id``: what the
-        state index says of it (see :mod:`aiostage._persist._index`)."""
+        state index says of it (see :mod:`aiostage._persist._index`), kept
+        alive past the pickle's memo (see :func:`pickle_state`)."""
         self._plain = _torch_reduces_alike()
 
     def reducer_override(self, obj: Any) -> Any:
@@ -304,7 +302,6 @@ class _StatePickler(pickle.Pickler):
         if self._plain and type(obj) is torch.Tensor:
             reduced = _plain_reduction(obj)
             if reduced is not None:
-                self.made.append(reduced)
                 self.plain[id(obj)] = reduced[1]
                 return reduced
         return NotImplemented
@@ -376,7 +373,6 @@ def pickle_state(obj: object) -> tuple[bytes, list[StorageRecord], bytes | None]
     # an OrderedDict: 20,000 tensors, 16-17 ms) in one call, holding the
     # GIL.  They are kept past it (4 ms) and freed a block at a time.
     pickler.clear_memo()
-    free_in_blocks(pickler.made, pickler._turn)
     free_all_in_blocks(pickler.plain)
     return pickled, pickler.records, index
 

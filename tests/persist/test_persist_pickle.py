@@ -103,7 +103,7 @@ def test_the_reductions_outlive_the_memo_and_are_freed(monkeypatch: pytest.Monke
 
     def clear_memo(self: _archive._StatePickler) -> None:
         real_clear(self)
-        alive_at_clear.append(len(self.made))
+        alive_at_clear.append(len(self.plain))
 
     turns: list[int] = []
     monkeypatch.setattr(_archive._StatePickler, "clear_memo", clear_memo)
