@@ -187,9 +187,8 @@ def encode(obj: Any, plain: Mapping[int, tuple[Any, ...]], pickled: bytes) -> by
     return "\n".join(lines).encode()
 
 
-def header(data: bytes) -> dict[str, Any]:
+def _header(first: bytes) -> dict[str, Any]:
     """The index's first line, checked for format and version."""
-    first = data.split(b"\n", 1)[0]
     try:
         head = json.loads(first)
     except ValueError as exc:
@@ -205,11 +204,9 @@ def header(data: bytes) -> dict[str, Any]:
     return head
 
 
-def _ops(data: bytes, turn: GilTurns) -> Iterator[Any]:
-    lines = data.split(b"\n")
-    count = header(lines[0])["ops"]
+def _ops(lines: list[bytes], count: int, turn: GilTurns) -> Iterator[Any]:
     seen = 0
-    for line in lines[1:]:
+    for line in lines:
         turn()
         try:
             chunk = json.loads(line)
@@ -223,9 +220,9 @@ def _ops(data: bytes, turn: GilTurns) -> Iterator[Any]:
         raise BadIndex(f"{seen} ops, the header says {count}")
 
 
-def _int(value: Any, low: int = 0) -> int:
-    if type(value) is not int or value < low:
-        raise BadIndex(f"{value!r} where an int >= {low} belongs")
+def _int(value: Any) -> int:
+    if type(value) is not int or value < 0:
+        raise BadIndex(f"{value!r} where an int >= 0 belongs")
     return value
 
 
@@ -266,13 +263,15 @@ def decode(
         BadIndex: the index is stale (written for another ``data.pkl``),
             or malformed: nothing was built that the caller keeps.
     """
-    if header(data.split(b"\n", 1)[0])["pickle_crc"] != pickle_crc:
+    first, *lines = data.split(b"\n")
+    head = _header(first)
+    if head["pickle_crc"] != pickle_crc:
         raise BadIndex("written for another data.pkl")
     turn = GilTurns()
     stack: list[Any] = []
     tensors: list[torch.Tensor] = []
     storages: dict[str, tuple[torch.UntypedStorage, torch.dtype]] = {}
-    for op in _ops(data, turn):
+    for op in _ops(lines, head["ops"], turn):
         if type(op) is not list:
             if type(op) not in _SCALARS:
                 raise BadIndex("an op that is neither a scalar nor a list")
