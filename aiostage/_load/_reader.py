@@ -725,15 +725,13 @@ async def _read_state(
         await run_sync(_records.check_byteorder, path, fd, by_name, prefix)
         pickle_entry = by_name[prefix + "data.pkl"]
         index_entry = by_name.get(prefix + _index.INDEX_NAME)
-        index = None
-        if index_entry is not None and index_entry.size <= _MAX_INDEX_BYTES:
-            index = await run_sync(_records.read_record, path, fd, index_entry)
 
         def rebuild(storage_for: Callable[[str, int], torch.UntypedStorage]) -> Any:
             # (blocking; for a worker thread) The index where it holds
             # together, else the pickle: data.pkl is the authority, and
             # storage_for may be asked for a key twice.
-            if index is not None:
+            if index_entry is not None and index_entry.size <= _MAX_INDEX_BYTES:
+                index = _records.read_record(path, fd, index_entry)
                 with contextlib.suppress(_index.BadIndex):
                     return _index.decode(index, pickle_entry.crc, sizes, storage_for)
             pickled = _records.read_record(path, fd, pickle_entry)
